@@ -1,0 +1,292 @@
+"""Typed run configuration: YAML files over a shared base, command-line overrides, validation.
+
+A run file names its base with `base: base.yaml` (relative to the file) and holds only what differs.
+Every problem is raised as `ConfigError` with the file and the dotted key, so the CLI can print one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded as one line that names the file and the key."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
+
+
+@dataclass
+class ModelConfig:
+    # A hub id or a local model directory; ignored when `tiny` is set.
+    name_or_path: str = "gpt2"
+    # A hub id or directory; null means the model's own. `local-bpe` trains a byte-level BPE on the training text.
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 512
+    # GPT2Config keyword arguments for a randomly initialised model built locally (nothing is downloaded).
+    tiny: dict[str, Any] | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    lora: LoraConfig | None = None
+
+
+@dataclass
+class DataConfig:
+    # A hub dataset id, a local .jsonl / .jsonl.gz file, or `synthetic` (hh-rlhf-format dialogues made in code).
+    source: str = "Anthropic/hh-rlhf"
+    # Hub `data_dir` (for example `harmless-base`); null uses the whole dataset.
+    subset: str | None = None
+    # Test pairs come from this split of a hub dataset; a local file may name a separate test file here.
+    test_source: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    num_pairs: int = 3000
+    val_fraction: float = 0.1
+    num_test_pairs: int = 500
+    max_length: int = 256
+    # The prompt keeps at least this many of its last tokens; only longer responses are cut from the right.
+    min_prompt_tokens: int = 16
+    strict: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "checkpoints"
+    num_epochs: int = 5
+    learning_rate: float = 1e-4
+    effective_batch_size: int = 16
+    per_device_batch_size: int = 16
+    eval_batch_size: int = 32
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # auto: bf16 on a GPU that supports it, fp32 otherwise (bf16 matmuls on CPU are hundreds of times slower).
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    group_by_length: bool = True
+    prompt_sharing: bool = True
+    reference_cache_dir: str = ".cache/reference_logps"
+    best_metric: str = "loss"
+    logging_steps: int = 10
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class LossConfig:
+    # dpo, ipo, cdpo, or a dotted path `package.module:function` with dpo_loss's signature.
+    type: str = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_mode: str = "offline"
+    wandb_project: str = "dpo-recipe"
+
+
+@dataclass
+class RecipeConfig:
+    run_name: str = "dpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Where the config came from, for error messages; not a YAML key.
+    source_file: str = field(default="<defaults>", repr=False, compare=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.training.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source_file")
+        return data
+
+    def to_yaml(self) -> str:
+        return redact_secrets(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+CHOICES = {
+    "training.precision": ("auto", "bf16", "fp32", "fp16"),
+    "training.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
+    "training.best_metric": ("loss", "accuracy", "margin"),
+    "logging.wandb_mode": ("online", "offline", "disabled"),
+}
+
+
+def redact_secrets(text: str) -> str:
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, f"<{name} redacted>")
+    return text
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    data = _read_yaml(path)
+    base_name = data.pop("base", None)
+    if base_name is None:
+        return data
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{path}: key 'base' must be a file name")
+    return _merge(_load_with_bases(path.parent / base_name, seen + (path,)), data)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, for example training.learning_rate=5e-5")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _coerce(value: Any, annotation: Any, file: str, key: str) -> Any:
+    """Convert a YAML value to the dataclass field's type, or raise naming the file, key and what is allowed."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _coerce(value, inner, file, key)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: {key} must be a mapping of {annotation.__name__} keys, got {value!r}")
+        return _build(annotation, value, file, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{file}: {key} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(item, item_type, file, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-4` (no dot) as a string, so numeric strings count as numbers.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[annotation]
+    if isinstance(value, expected) and (annotation is bool or not isinstance(value, bool)):
+        return float(value) if annotation is float else value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise ConfigError(f"{file}: {key} must be {names[annotation]}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], file: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = sorted(f.name for f in dataclasses.fields(cls) if f.name != "source_file")
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"{file}: unknown key '{dotted}' (allowed here: {', '.join(fields)})")
+        kwargs[key] = _coerce(value, hints[key], file, dotted)
+    return cls(**kwargs)
+
+
+def _validate(config: RecipeConfig) -> None:
+    source = config.source_file
+    checks = [
+        ("loss.beta", config.loss.beta > 0, "must be > 0"),
+        ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("training.learning_rate", config.training.learning_rate > 0, "must be > 0"),
+        ("training.num_epochs", config.training.num_epochs >= 1, "must be >= 1"),
+        ("training.effective_batch_size", config.training.effective_batch_size >= 1, "must be >= 1"),
+        ("training.per_device_batch_size", config.training.per_device_batch_size >= 1, "must be >= 1"),
+        ("training.eval_batch_size", config.training.eval_batch_size >= 1, "must be >= 1"),
+        ("training.warmup_ratio", 0 <= config.training.warmup_ratio < 1, "must be in [0, 1)"),
+        ("data.max_length", config.data.max_length >= 16, "must be >= 16"),
+        ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be in (0, 1)"),
+        ("data.num_pairs", config.data.num_pairs >= 2, "must be >= 2"),
+        ("data.num_test_pairs", config.data.num_test_pairs >= 0, "must be >= 0"),
+        ("data.min_prompt_tokens", 1 <= config.data.min_prompt_tokens < config.data.max_length, "must be in [1, max_length)"),
+        ("model.tokenizer_vocab_size", config.model.tokenizer_vocab_size >= 260, "must be >= 260 (256 bytes + specials)"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            value = _get(config, key.split("."))
+            raise ConfigError(f"{source}: {key} {rule} (got {value!r})")
+    for key, allowed in CHOICES.items():
+        value = _get(config, key.split("."))
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(allowed)} (got {value!r})")
+    if config.model.lora is not None and config.model.lora.r < 1:
+        raise ConfigError(f"{source}: model.lora.r must be >= 1 (got {config.model.lora.r})")
+    if not config.run_name or "/" in config.run_name:
+        raise ConfigError(f"{source}: run_name must be a non-empty name without '/' (got {config.run_name!r})")
+
+
+def _get(obj: Any, keys: list[str]) -> Any:
+    for key in keys:
+        obj = getattr(obj, key)
+    return obj
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeConfig:
+    """Load a YAML run file (with its `base` chain), apply `key=value` overrides, and validate."""
+    path = Path(path)
+    data = _load_with_bases(path)
+    for override in overrides or []:
+        keys, value = _parse_override(override)
+        target = data
+        for key in keys[:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        target[keys[-1]] = value
+    config = _build(RecipeConfig, data, str(path))
+    config.source_file = str(path)
+    _validate(config)
+    return config

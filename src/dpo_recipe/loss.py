@@ -1,0 +1,95 @@
+"""Preference losses as pure functions of sequence log-probabilities.
+
+Every loss takes the summed log-probabilities of the chosen (y_w) and rejected (y_l) responses under the policy and
+the reference, and returns `(losses, chosen_rewards, rejected_rewards)`, each of shape (batch,). The implicit reward
+of a response is beta * (log pi_theta(y|x) - log pi_ref(y|x)) (DPO paper, section 5).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+LossOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], LossOutput]
+
+
+def _rewards(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    return chosen_rewards, rejected_rewards
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """L = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]).
+
+    With `label_smoothing` eps > 0 this is conservative DPO: the preference label is assumed flipped with
+    probability eps. `logsigmoid` keeps it finite for any margin, where log(sigmoid(x)) would give -inf.
+    """
+    chosen_rewards, rejected_rewards = _rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    logits = chosen_rewards - rejected_rewards
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> LossOutput:
+    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2*beta))^2 with h the difference of the two log-ratios."""
+    chosen_rewards, rejected_rewards = _rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    log_ratio_gap = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    losses = (log_ratio_gap - 1 / (2 * beta)) ** 2
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+BUILTIN_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "cdpo": dpo_loss}
+
+
+def resolve_loss(loss_type: str, label_smoothing: float = 0.0) -> LossFn:
+    """Map a config's `loss.type` to a callable with `dpo_loss`'s signature.
+
+    Anything that is not a built-in name is read as `package.module:function` (or `package.module.function`).
+    """
+    if loss_type == "cdpo":
+        return functools.partial(dpo_loss, label_smoothing=label_smoothing)
+    if loss_type == "dpo":
+        return functools.partial(dpo_loss, label_smoothing=label_smoothing) if label_smoothing else dpo_loss
+    if loss_type in BUILTIN_LOSSES:
+        return BUILTIN_LOSSES[loss_type]
+    module_name, sep, attribute = loss_type.rpartition(":") if ":" in loss_type else loss_type.rpartition(".")
+    if not sep or not module_name:
+        raise ValueError(
+            f"loss.type {loss_type!r} is not one of {', '.join(BUILTIN_LOSSES)} nor a dotted path module:function"
+        )
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"loss.type {loss_type!r} could not be imported: {error}") from None
+    if not callable(function):
+        raise ValueError(f"loss.type {loss_type!r} is not callable")
+    return function

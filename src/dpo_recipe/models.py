@@ -1,0 +1,102 @@
+"""Tokenizers and models: from the hub or a local directory (what users run), or built locally (offline runs)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from .config import ConfigError, ModelConfig
+
+LOCAL_BPE = "local-bpe"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def train_local_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style) trained on the given texts: deterministic, and nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+def load_tokenizer(config: ModelConfig, training_texts: list[str] | None = None, source: str | None = None):
+    """The run's tokenizer. `source` (a checkpoint directory) wins over the config."""
+    if source is None and config.tokenizer == LOCAL_BPE:
+        if not training_texts:
+            raise ValueError("model.tokenizer: local-bpe needs training text")
+        return train_local_tokenizer(training_texts, config.tokenizer_vocab_size)
+    name = source or config.tokenizer or config.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.tokenizer: cannot load tokenizer {name!r} ({str(error).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, source: str | None = None):
+    """The policy in fp32 (mixed precision autocasts from fp32 master weights).
+
+    `tiny` builds a randomly initialised GPT-2 from GPT2Config, seeded, sized to the tokenizer.
+    """
+    if source is None and config.tiny is not None:
+        torch.manual_seed(seed)
+        gpt2 = GPT2Config(
+            **{
+                "n_positions": max(max_length, 64),
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.eos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                **config.tiny,
+            }
+        )
+        model = GPT2LMHeadModel(gpt2)
+        model.config._attn_implementation = config.attn_implementation
+    else:
+        name = source or config.name_or_path
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name,
+                trust_remote_code=config.trust_remote_code,
+                attn_implementation=config.attn_implementation,
+                dtype=torch.float32,
+                use_safetensors=True,
+            )
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model.name_or_path: cannot load {name!r} ({str(error).splitlines()[0]})") from None
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if context is not None and max_length > context:
+        raise ConfigError(f"data.max_length must be <= the model's context of {context} tokens (got {max_length})")
+    return model
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the weights a reference pass sees; LoRA adapter weights are left out (they are disabled then)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        # A PEFT wrapper renames the base weights; normalise so a LoRA run and a plain eval share one key.
+        name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        tensor = tensor.detach().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.float().numpy().tobytes() if tensor.dtype == torch.bfloat16 else tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def reference_dir(run_dir: Path) -> Path:
+    """Where a run keeps its locally built starting model, so evaluation uses exactly that reference."""
+    return run_dir / "reference"

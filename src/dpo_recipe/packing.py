@@ -1,0 +1,179 @@
+"""Batches of preference pairs and their sequence log-probabilities.
+
+Two layouts, one code path:
+- shared prompt (default): one row per pair, [prompt[:-1] | prompt[-1], chosen | prompt[-1], rejected]. A block
+  attention mask lets each response see the prompt and itself only, and its position ids restart after the prompt,
+  so each response is scored exactly as if it followed the prompt alone. The prompt, the largest part of an hh-rlhf
+  pair, is computed once instead of twice. Its last token is repeated once per branch because it is the position
+  that predicts each response's first token.
+- separate: two rows per pair, [prompt, chosen] and [prompt, rejected], as plain TRL does. It needs no 4D mask, for
+  attention kernels that take none.
+
+Either way the batch carries `shift_labels` (the token each position predicts, -100 elsewhere) and per-position
+chosen/rejected masks, so TRL's fused LM head scores only what is needed and the sums are the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PairCollator:
+    pad_token_id: int
+    share_prompt: bool = True
+    pad_to_multiple_of: int | None = None
+
+    def _padded_length(self, longest: int) -> int:
+        if self.pad_to_multiple_of:
+            return -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return longest
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = self._shared_rows(examples) if self.share_prompt else self._separate_rows(examples)
+        width = self._padded_length(max(len(row["input_ids"]) for row in rows))
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
+            "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+            "shift_labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+            "chosen_mask": torch.zeros((len(rows), width), dtype=torch.bool),
+            "rejected_mask": torch.zeros((len(rows), width), dtype=torch.bool),
+        }
+        if self.share_prompt:
+            # Padding positions attend to themselves only, so no softmax row is empty (an empty row gives NaN).
+            batch["attention_mask"] = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
+        else:
+            batch["attention_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            for key in ("input_ids", "position_ids", "shift_labels", "chosen_mask", "rejected_mask"):
+                batch[key][i, :n] = torch.as_tensor(row[key])
+            if self.share_prompt:
+                batch["attention_mask"][i, :n, :n] = row["attention_mask"]
+            else:
+                batch["attention_mask"][i, :n] = 1
+        if self.share_prompt:
+            batch["attention_mask"] = batch["attention_mask"].unsqueeze(1)  # (rows, 1, query, key)
+        # Non-padding tokens per pair: what throughput counts, and the number of pairs in either layout.
+        batch["pair_tokens"] = torch.tensor([len(row["input_ids"]) for row in rows]).view(-1, len(examples)).sum(0)
+        if "ref_chosen_logps" in examples[0]:
+            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float32)
+            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float32)
+        return batch
+
+    @staticmethod
+    def _branch_labels(branch: list[int]) -> list[int]:
+        return branch[1:] + [IGNORE_INDEX]
+
+    def _shared_rows(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = []
+        for example in examples:
+            prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+            stem = prompt[:-1]
+            chosen_branch, rejected_branch = [prompt[-1], *chosen], [prompt[-1], *rejected]
+            s, c, r = len(stem), len(chosen_branch), len(rejected_branch)
+            n = s + c + r
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            visible = torch.zeros(n, n, dtype=torch.bool)
+            visible[:, :s] = True  # everything sees the prompt stem
+            visible[s : s + c, s : s + c] = True  # the chosen branch sees itself
+            visible[s + c :, s + c :] = True  # the rejected branch sees itself
+            rows.append(
+                {
+                    "input_ids": stem + chosen_branch + rejected_branch,
+                    "position_ids": list(range(s)) + list(range(s, s + c)) + list(range(s, s + r)),
+                    "shift_labels": [IGNORE_INDEX] * s
+                    + self._branch_labels(chosen_branch)
+                    + self._branch_labels(rejected_branch),
+                    "chosen_mask": [False] * s + [True] * (c - 1) + [False] * (r + 1),
+                    "rejected_mask": [False] * (s + c) + [True] * (r - 1) + [False],
+                    "attention_mask": causal & visible,
+                }
+            )
+        return rows
+
+    def _separate_rows(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = []
+        for response_key, mask_key in (("chosen_ids", "chosen_mask"), ("rejected_ids", "rejected_mask")):
+            for example in examples:
+                prompt, response = example["prompt_ids"], example[response_key]
+                ids = prompt + response
+                labels = [IGNORE_INDEX] * (len(prompt) - 1) + list(response) + [IGNORE_INDEX]
+                scored = [label != IGNORE_INDEX for label in labels]
+                other = "rejected_mask" if mask_key == "chosen_mask" else "chosen_mask"
+                rows.append(
+                    {
+                        "input_ids": ids,
+                        "position_ids": list(range(len(ids))),
+                        "shift_labels": labels,
+                        mask_key: scored,
+                        other: [False] * len(ids),
+                    }
+                )
+        return rows
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each pair's chosen and rejected response, each of shape (pairs,).
+
+    The model must carry TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`), which projects only the
+    scored positions through the vocabulary.
+    """
+    outputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        shift_labels=batch["shift_labels"],
+        fused_lm_head=True,
+        use_cache=False,
+    )
+    token_logps = outputs.log_probs.float()
+    # Rows are [pairs] in the shared layout and [chosen pairs; rejected pairs] in the separate one.
+    pairs = len(batch["pair_tokens"])
+    chosen = (token_logps * batch["chosen_mask"]).sum(dim=-1)
+    rejected = (token_logps * batch["rejected_mask"]).sum(dim=-1)
+    return chosen.view(-1, pairs).sum(dim=0), rejected.view(-1, pairs).sum(dim=0)
+
+
+@torch.no_grad()
+def dataset_pair_logps(
+    model: torch.nn.Module,
+    dataset,
+    collator: PairCollator,
+    batch_size: int,
+    device: torch.device | str,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs for every pair of a tokenized dataset, in dataset order.
+
+    Pairs are visited longest first, so each batch holds pairs of similar length and pads little.
+    """
+    lengths = dataset["length"]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    loader = DataLoader(
+        [columns[i] for i in order], batch_size=batch_size, shuffle=False, collate_fn=collator
+    )
+    was_training = model.training
+    model.eval()
+    chosen_parts, rejected_parts = [], []
+    for batch in loader:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with autocast():
+            chosen, rejected = pair_logps(model, batch)
+        chosen_parts.append(chosen.float().cpu())
+        rejected_parts.append(rejected.float().cpu())
+    model.train(was_training)
+    chosen_sorted, rejected_sorted = torch.cat(chosen_parts), torch.cat(rejected_parts)
+    chosen_out, rejected_out = torch.empty_like(chosen_sorted), torch.empty_like(rejected_sorted)
+    index = torch.tensor(order)
+    chosen_out[index], rejected_out[index] = chosen_sorted, rejected_sorted
+    return chosen_out, rejected_out

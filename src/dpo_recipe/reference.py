@@ -1,0 +1,57 @@
+"""Reference-model log-probabilities, computed once and cached on disk.
+
+The reference never changes during DPO, so its log-probs are a pure function of (reference weights, token ids,
+precision). Keyed by exactly that, one cache serves every epoch, every run of a sweep and every evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+
+CACHE_FORMAT = "v1"
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    digest = hashlib.sha256()
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        for ids in dataset[column]:
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_path(cache_dir: str | os.PathLike, model_key: str, dataset: Dataset, precision: str) -> Path:
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{model_key}|{dataset_fingerprint(dataset)}|{precision}".encode())
+    return Path(cache_dir) / f"{key.hexdigest()[:24]}.safetensors"
+
+
+def cached_reference_logps(
+    path: Path, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Load (chosen, rejected) log-probs from `path`, or compute and store them. The flag says it was a hit."""
+    if path.is_file():
+        tensors = load_file(path)
+        return tensors["chosen"], tensors["rejected"], True
+    chosen, rejected = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed, so a reader never sees half a file.
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, temporary)
+    os.replace(temporary, path)
+    return chosen, rejected, False
+
+
+def with_reference_columns(dataset: Dataset, chosen: torch.Tensor, rejected: torch.Tensor) -> Dataset:
+    columns = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in dataset.column_names]
+    dataset = dataset.remove_columns(columns)
+    dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+    return dataset.add_column("ref_rejected_logps", rejected.tolist())

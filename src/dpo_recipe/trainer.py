@@ -1,0 +1,455 @@
+"""Training: a thin `trl.DPOTrainer` subclass, epoch bookkeeping, and the run that ties config to checkpoints.
+
+What the subclass changes, and why:
+- data arrives tokenized and truncated by `dpo_recipe.data` (TRL's keep_start truncation drops whole pairs);
+- batches use `packing.PairCollator`: the prompt is computed once per pair, and length grouping limits padding;
+- reference log-probs are computed once and cached on disk (`reference`), so no epoch or sweep run redoes them;
+- the loss is the configured pure function from `dpo_recipe.loss`.
+Everything else (optimizer, schedule, mixed precision, DDP/FSDP/DeepSpeed, saving, resuming) is TRL/Trainer's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import use_adapter
+
+from .config import ConfigError, RecipeConfig
+from .data import DataReport, load_text_splits, prepare_data
+from .loss import resolve_loss
+from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
+from .packing import PairCollator, dataset_pair_logps, pair_logps
+from .reference import cache_path, cached_reference_logps, with_reference_columns
+
+EPOCH_PREFIX = "epoch-"
+METRICS_FILE = "metrics.jsonl"
+BEST_FILE = "best.json"
+BEST_LINK = "best"
+
+
+class DivergenceError(RuntimeError):
+    """The loss became nan or inf; raised before the optimizer step, so the last checkpoint is intact."""
+
+
+# Per-pair sums gathered each step; keeping sums (not per-batch means) makes epoch metrics exact.
+STAT_NAMES = ("loss", "chosen_reward", "rejected_reward", "wins", "ties", "pairs", "tokens", "logps_chosen", "logps_rejected")
+
+
+@dataclass
+class RunningTotals:
+    sums: dict[str, dict[str, float]] = field(default_factory=lambda: {"train": {}, "eval": {}})
+
+    def reset(self, mode: str) -> None:
+        self.sums[mode] = dict.fromkeys(STAT_NAMES, 0.0)
+
+    def add(self, mode: str, values: list[float]) -> None:
+        totals = self.sums[mode] or dict.fromkeys(STAT_NAMES, 0.0)
+        for name, value in zip(STAT_NAMES, values):
+            totals[name] += value
+        self.sums[mode] = totals
+
+    def means(self, mode: str) -> dict[str, float]:
+        totals = self.sums[mode]
+        pairs = max(totals.get("pairs", 0.0), 1.0)
+        chosen, rejected = totals["chosen_reward"] / pairs, totals["rejected_reward"] / pairs
+        return {
+            "loss": totals["loss"] / pairs,
+            "chosen_reward": chosen,
+            "rejected_reward": rejected,
+            "margin": chosen - rejected,
+            "accuracy": totals["wins"] / pairs,
+            "ties": totals["ties"] / pairs,
+            "logps_chosen": totals["logps_chosen"] / pairs,
+            "logps_rejected": totals["logps_rejected"] / pairs,
+            "pairs": int(totals["pairs"]),
+            "tokens": int(totals["tokens"]),
+        }
+
+
+class RecipeDPOTrainer(DPOTrainer):
+    def __init__(self, *args, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, **kwargs):
+        self.loss_fn = loss_fn
+        self.reference_cache_dir = reference_cache_dir
+        self.reference_cache_hits: dict[str, bool] = {}
+        self.totals = totals or RunningTotals()
+        self._reference_key: str | None = None
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # tokenized and truncated by dpo_recipe.data, without dropping pairs
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps", "length"]
+
+    def _reference_context(self):
+        if self.ref_model is None and is_peft_model(self.model):
+            return use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None)
+        return contextlib.nullcontext()
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        model = self.ref_model or self.model
+        if self._reference_key is None:
+            self._reference_key = model_fingerprint(model)
+        precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
+        path = cache_path(self.reference_cache_dir, self._reference_key, dataset, precision)
+
+        def compute():
+            with self._reference_context():
+                return dataset_pair_logps(
+                    model, dataset, self.data_collator, batch_size, self.accelerator.device, self.accelerator.autocast
+                )
+
+        # The main process computes and writes the cache; the others then read it.
+        with self.accelerator.main_process_first():
+            chosen, rejected, hit = cached_reference_logps(path, compute)
+        self.reference_cache_hits[name] = hit
+        return with_reference_columns(dataset, chosen, rejected)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        chosen_logps, rejected_logps = pair_logps(model, inputs)
+        losses, chosen_rewards, rejected_rewards = self.loss_fn(
+            chosen_logps, rejected_logps, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], self.beta
+        )
+        loss = losses.mean()
+        stats = torch.stack(
+            [
+                losses.detach().sum(),
+                chosen_rewards.sum(),
+                rejected_rewards.sum(),
+                (chosen_rewards > rejected_rewards).sum(),
+                (chosen_rewards == rejected_rewards).sum(),
+                torch.tensor(len(losses), device=losses.device),
+                inputs["pair_tokens"].sum(),
+                chosen_logps.detach().sum(),
+                rejected_logps.detach().sum(),
+            ]
+        ).float()
+        stats = self.accelerator.gather(stats.unsqueeze(0)).sum(dim=0).tolist()
+        if not all(map(_finite, stats[:3])):
+            where = f"optimizer step {self.state.global_step + 1}" if mode == "train" else "evaluation"
+            raise DivergenceError(f"loss became {stats[0] / max(stats[5], 1):g} at {where} (epoch {self.state.epoch or 0:.2f})")
+        self.totals.add(mode, stats)
+        pairs = max(stats[5], 1.0)
+        for key, value in (
+            ("rewards/chosen", stats[1] / pairs),
+            ("rewards/rejected", stats[2] / pairs),
+            ("rewards/margins", (stats[1] - stats[2]) / pairs),
+            ("rewards/accuracies", stats[3] / pairs),
+            ("logps/chosen", stats[7] / pairs),
+            ("logps/rejected", stats[8] / pairs),
+        ):
+            self._metrics[mode][key].append(value)
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(self, *args, **kwargs):
+        self.totals.reset("eval")
+        return super().evaluate(*args, **kwargs)
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
+
+
+def epoch_dirs(run_dir: Path) -> list[Path]:
+    """Complete epoch checkpoints, oldest first. Incomplete saves never carry the `epoch-` name."""
+    found = []
+    for path in Path(run_dir).glob(f"{EPOCH_PREFIX}*"):
+        suffix = path.name[len(EPOCH_PREFIX) :]
+        if path.is_dir() and suffix.isdigit() and not path.is_symlink():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+BEST_DIRECTION = {"loss": min, "accuracy": max, "margin": max}
+
+
+def best_epoch(records: list[dict], metric: str) -> dict | None:
+    scored = [r for r in records if r.get("val")]
+    if not scored:
+        return None
+    best = BEST_DIRECTION[metric](scored, key=lambda r: r["val"][metric])
+    return {"epoch": best["epoch"], "metric": f"val_{metric}", "value": best["val"][metric], "checkpoint": f"{EPOCH_PREFIX}{best['epoch']}"}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _point_best_link(run_dir: Path, target: str) -> None:
+    link = run_dir / BEST_LINK
+    temporary = run_dir / (BEST_LINK + ".tmp")
+    if temporary.is_symlink() or temporary.exists():
+        temporary.unlink()
+    temporary.symlink_to(target, target_is_directory=True)
+    os.replace(temporary, link)
+
+
+class EpochRecorder(TrainerCallback):
+    """At each epoch end: val metrics, then an atomically named checkpoint, a metrics.jsonl line and the best epoch."""
+
+    def __init__(self, run_dir: Path, totals: RunningTotals, best_metric: str):
+        self.run_dir = Path(run_dir)
+        self.totals = totals
+        self.best_metric = best_metric
+        self.epoch_started = 0.0
+        self.train_seconds = 0.0
+        self.train_means: dict[str, float] = {}
+        self.val_means: dict[str, float] = {}
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.totals.reset("train")
+        self.epoch_started = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.train_seconds = time.perf_counter() - self.epoch_started
+        self.train_means = self.totals.means("train")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.val_means = self.totals.means("eval")
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        epoch = round(state.epoch)
+        saved = self.run_dir / f"checkpoint-{state.global_step}"
+        final = self.run_dir / f"{EPOCH_PREFIX}{epoch}"
+        if final.exists():
+            shutil.rmtree(final)
+        # The rename is the commit point: only a finished save ever carries the `epoch-` name.
+        os.replace(saved, final)
+        seconds = max(self.train_seconds, 1e-9)
+        train = dict(self.train_means)
+        train["tokens_per_s"] = train.get("tokens", 0) / seconds
+        train["pairs_per_s"] = train.get("pairs", 0) / seconds
+        record = {"epoch": epoch, "step": state.global_step, "train": train, "val": dict(self.val_means)}
+        with open(self.run_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        best = best_epoch(read_metrics(self.run_dir), self.best_metric)
+        if best is not None:
+            _atomic_write(self.run_dir / BEST_FILE, json.dumps(best, indent=2))
+            _point_best_link(self.run_dir, best["checkpoint"])
+        print(_epoch_line(record), flush=True)
+
+
+def _epoch_line(record: dict) -> str:
+    train, val = record["train"], record["val"]
+    return (
+        f"epoch {record['epoch']}: train loss {train['loss']:.4f} acc {train['accuracy']:.3f} "
+        f"({train['tokens_per_s']:.0f} tok/s) | val loss {val.get('loss', float('nan')):.4f} "
+        f"margin {val.get('margin', float('nan')):.3f} acc {val.get('accuracy', float('nan')):.3f}"
+    )
+
+
+class InterruptGuard(TrainerCallback):
+    """SIGINT/SIGTERM stop training at the next step boundary; a save under way finishes first, none is started."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = {}
+
+    def _request_stop(self, signum, frame):
+        if self.interrupted:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print(f"\nreceived {signal.Signals(signum).name}: stopping after this step", file=sys.stderr, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[signum] = signal.signal(signum, self._request_stop)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.interrupted:  # a partial epoch is not checkpointed: resume replays it exactly
+            control.should_save = False
+            control.should_evaluate = False
+
+
+def resolve_precision(precision: str, source: str) -> str:
+    has_bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if has_bf16_gpu else "fp32"
+    if precision == "bf16" and not has_bf16_gpu:
+        raise ConfigError(f"{source}: training.precision bf16 needs a GPU that supports it (use auto or fp32)")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(f"{source}: training.precision fp16 needs a GPU (use auto or fp32)")
+    return precision
+
+
+def batch_plan(config: RecipeConfig, world_size: int) -> tuple[int, int]:
+    """(per-device micro-batch, gradient-accumulation steps) that give exactly the effective batch."""
+    effective = config.training.effective_batch_size
+    if effective % world_size:
+        raise ConfigError(
+            f"{config.source_file}: training.effective_batch_size {effective} is not divisible by {world_size} processes"
+        )
+    micro = min(config.training.per_device_batch_size, effective // world_size)
+    while (effective // world_size) % micro:
+        micro -= 1
+    return micro, effective // (world_size * micro)
+
+
+def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOConfig:
+    micro, accumulation = batch_plan(config, world_size)
+    training = config.training
+    report_to = ["wandb"] if config.logging.wandb else []
+    return DPOConfig(
+        output_dir=str(config.run_dir),
+        run_name=config.run_name,
+        num_train_epochs=training.num_epochs,
+        learning_rate=training.learning_rate,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        per_device_eval_batch_size=training.eval_batch_size,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        seed=training.seed,
+        data_seed=training.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        # Fused AdamW needs the optimizer's tensors on an accelerator to pay off; plain AdamW elsewhere.
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        gradient_checkpointing=training.gradient_checkpointing,
+        torch_compile=training.torch_compile,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_steps=training.logging_steps,
+        report_to=report_to,
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
+        length_column_name="length",
+        dataloader_num_workers=training.dataloader_num_workers,
+        prediction_loss_only=True,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=training.eval_batch_size,
+        beta=config.loss.beta,
+        max_length=None,  # truncation already happened, without dropping pairs
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    complete = epoch_dirs(run_dir)
+    return complete[-1] if complete else None
+
+
+def _forget_epochs_after(run_dir: Path, epoch: int) -> None:
+    """A resumed run rewrites what came after its checkpoint, so stale records must not linger."""
+    records = [r for r in read_metrics(run_dir) if r["epoch"] <= epoch]
+    _atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    for path in run_dir.glob("checkpoint-*"):  # a save that never completed
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_training(config: RecipeConfig, resume: bool = False) -> int:
+    """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
+    from .report import plot_run
+
+    state = PartialState()
+    precision = resolve_precision(config.training.precision, config.source_file)
+    run_dir = config.run_dir
+    resume_from = None
+    if resume:
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
+    elif epoch_dirs(run_dir) and state.is_main_process:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue, or remove it to start over")
+
+    report = DataReport()
+    splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
+    tokenizer_source = str(resume_from) if resume_from is not None else None
+    training_texts = [text for p in splits.train for text in (p.prompt, p.chosen, p.rejected)]
+    tokenizer = load_tokenizer(config.model, training_texts, source=tokenizer_source)
+    data = prepare_data(splits, tokenizer, config.data, report)
+    model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data.write(run_dir)
+        _atomic_write(run_dir / "config.yaml", config.to_yaml())
+        print("\n".join(report.summary_lines()), flush=True)
+        if config.model.tiny is not None and not reference_dir(run_dir).exists():
+            model.save_pretrained(reference_dir(run_dir))
+            tokenizer.save_pretrained(reference_dir(run_dir))
+        if resume_from is not None:
+            _forget_epochs_after(run_dir, int(resume_from.name[len(EPOCH_PREFIX) :]))
+    state.wait_for_everyone()
+
+    if config.logging.wandb:
+        os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
+        os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
+    peft_config = None
+    if config.model.lora is not None:
+        from peft import LoraConfig
+
+        lora = config.model.lora
+        peft_config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+        )
+
+    totals = RunningTotals()
+    guard = InterruptGuard()
+    trainer = RecipeDPOTrainer(
+        model=model,
+        args=dpo_arguments(config, state.num_processes, precision),
+        data_collator=PairCollator(tokenizer.pad_token_id, share_prompt=config.training.prompt_sharing),
+        train_dataset=data.train,
+        eval_dataset=data.val,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[EpochRecorder(run_dir, totals, config.training.best_metric), guard],
+        loss_fn=resolve_loss(config.loss.type, config.loss.label_smoothing),
+        reference_cache_dir=config.training.reference_cache_dir,
+        totals=totals,
+    )
+    if state.is_main_process:
+        hits = ", ".join(f"{name} {'reused' if hit else 'computed'}" for name, hit in trainer.reference_cache_hits.items())
+        print(f"reference log-probs: {hits} (cache {config.training.reference_cache_dir})", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if guard.interrupted:
+        if state.is_main_process:
+            last = latest_checkpoint(run_dir)
+            kept = f"last complete checkpoint: {last}" if last else "no epoch had finished"
+            print(
+                f"interrupted; {kept}. Resume with: accelerate launch scripts/train.py --config {config.source_file} --resume",
+                file=sys.stderr,
+            )
+        return 130
+    if state.is_main_process:
+        plot_run(run_dir)
+        best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
+        if best:
+            print(f"done: {run_dir} (best epoch {best['epoch']} by {best['metric']} = {best['value']:.4f})", flush=True)
+    return 0
