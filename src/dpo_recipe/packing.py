@@ -65,8 +65,9 @@ class PairCollator:
         # Non-padding tokens per pair: what throughput counts, and the number of pairs in either layout.
         batch["pair_tokens"] = torch.tensor([len(row["input_ids"]) for row in rows]).view(-1, len(examples)).sum(0)
         if "ref_chosen_logps" in examples[0]:
-            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float32)
-            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float32)
+            # float64, like the sums they are compared with (see `pair_logps`)
+            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float64)
+            batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float64)
         return batch
 
     @staticmethod
@@ -135,7 +136,8 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
         fused_lm_head=True,
         use_cache=False,
     )
-    token_logps = outputs.log_probs.float()
+    # Summed in float64: a response of a few hundred tokens loses ~1e-5 to fp32 rounding otherwise.
+    token_logps = outputs.log_probs.double()
     # Rows are [pairs] in the shared layout and [chosen pairs; rejected pairs] in the separate one.
     pairs = len(batch["pair_tokens"])
     chosen = (token_logps * batch["chosen_mask"]).sum(dim=-1)
@@ -169,8 +171,8 @@ def dataset_pair_logps(
         batch = {key: value.to(device) for key, value in batch.items()}
         with autocast():
             chosen, rejected = pair_logps(model, batch)
-        chosen_parts.append(chosen.float().cpu())
-        rejected_parts.append(rejected.float().cpu())
+        chosen_parts.append(chosen.double().cpu())
+        rejected_parts.append(rejected.double().cpu())
     model.train(was_training)
     chosen_sorted, rejected_sorted = torch.cat(chosen_parts), torch.cat(rejected_parts)
     chosen_out, rejected_out = torch.empty_like(chosen_sorted), torch.empty_like(rejected_sorted)

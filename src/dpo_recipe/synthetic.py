@@ -1,7 +1,7 @@
 """hh-rlhf-format dialogues written for this project, so the recipe runs and is tested with no download.
 
-The chosen side answers helpfully and politely, the rejected side refuses rudely or gives harmful advice, so a
-small model can learn the preference in a few epochs. Prompts have a varying number of earlier turns, which gives
+The chosen side usually answers helpfully and politely while the rejected side refuses rudely, so a small model
+learns the preference in a few epochs; a fixed share of labels is flipped, as in noisy human data. Prompts have a varying number of earlier turns, which gives
 the length spread that truncation and length-grouped batching need to be exercised.
 """
 
@@ -53,11 +53,34 @@ def _dialogue(rng: random.Random, turns: int) -> tuple[str, str, str]:
     return prompt, chosen, rejected
 
 
+# Like human preference data, some labels disagree with the rule: a model can only reach them by memorising,
+# which is what makes validation loss turn up again (overfitting) in longer runs.
+FLIPPED_FRACTION = 0.15
+
+
 def synthetic_rows(split: str, count: int, seed: int = 0, max_turns: int = 4) -> list[dict[str, str]]:
     """`count` rows of {chosen, rejected}; the split name seeds a disjoint stream per split."""
     rng = random.Random(f"{seed}:{split}")
     rows = []
     for _ in range(count):
         prompt, chosen, rejected = _dialogue(rng, rng.randint(0, max_turns))
+        if rng.random() < FLIPPED_FRACTION:
+            chosen, rejected = rejected, chosen
+        rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
+    return rows
+
+
+def hh_length_rows(count: int, seed: int = 0, mean_turns: float = 3.5) -> list[dict[str, str]]:
+    """`count` rows whose token lengths resemble hh-rlhf harmless-base, for speed measurements without the data.
+
+    Earlier turns follow an exponential distribution, so most prompts are short and a long tail gets cut at 256
+    tokens (about a fifth, against about a quarter of the real pairs), and both responses run to a few sentences.
+    """
+    rng = random.Random(f"{seed}:hh-lengths")
+    rows = []
+    for _ in range(count):
+        prompt, chosen, rejected = _dialogue(rng, min(int(rng.expovariate(1 / mean_turns)), 24))
+        chosen += "".join(f" {rng.choice(HELPFUL_CLOSERS)}" for _ in range(rng.randint(0, 1)))
+        rejected += "".join(f" {rng.choice(UNHELPFUL)}" for _ in range(rng.randint(1, 3)))
         rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
     return rows

@@ -138,7 +138,7 @@ class RecipeDPOTrainer(DPOTrainer):
                 chosen_logps.detach().sum(),
                 rejected_logps.detach().sum(),
             ]
-        ).float()
+        ).double()
         stats = self.accelerator.gather(stats.unsqueeze(0)).sum(dim=0).tolist()
         if not all(map(_finite, stats[:3])):
             where = f"optimizer step {self.state.global_step + 1}" if mode == "train" else "evaluation"
@@ -373,10 +373,15 @@ def _forget_epochs_after(run_dir: Path, epoch: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_training(config: RecipeConfig, resume: bool = False) -> int:
-    """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
-    from .report import plot_run
+@dataclass
+class PreparedRun:
+    trainer: RecipeDPOTrainer
+    guard: InterruptGuard
+    resume_from: Path | None
 
+
+def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
+    """Everything up to the first step: data, tokenizer, model, reference log-probs, and the trainer."""
     state = PartialState()
     precision = resolve_precision(config.training.precision, config.source_file)
     run_dir = config.run_dir
@@ -385,7 +390,7 @@ def run_training(config: RecipeConfig, resume: bool = False) -> int:
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
-    elif epoch_dirs(run_dir) and state.is_main_process:
+    elif epoch_dirs(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue, or remove it to start over")
 
     report = DataReport()
@@ -435,11 +440,27 @@ def run_training(config: RecipeConfig, resume: bool = False) -> int:
         totals=totals,
     )
     if state.is_main_process:
+        micro, accumulation = batch_plan(config, state.num_processes)
+        print(
+            f"batch: {state.num_processes} process(es) x micro-batch {micro} x accumulation {accumulation} = "
+            f"effective batch {config.training.effective_batch_size}; precision {precision}",
+            flush=True,
+        )
         hits = ", ".join(f"{name} {'reused' if hit else 'computed'}" for name, hit in trainer.reference_cache_hits.items())
         print(f"reference log-probs: {hits} (cache {config.training.reference_cache_dir})", flush=True)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if guard.interrupted:
-        if state.is_main_process:
+    return PreparedRun(trainer, guard, resume_from)
+
+
+def run_training(config: RecipeConfig, resume: bool = False) -> int:
+    """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
+    from .report import plot_run
+
+    run = prepare_run(config, resume)
+    run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    run_dir = config.run_dir
+    is_main = run.trainer.accelerator.is_main_process
+    if run.guard.interrupted:
+        if is_main:
             last = latest_checkpoint(run_dir)
             kept = f"last complete checkpoint: {last}" if last else "no epoch had finished"
             print(
@@ -447,7 +468,7 @@ def run_training(config: RecipeConfig, resume: bool = False) -> int:
                 file=sys.stderr,
             )
         return 130
-    if state.is_main_process:
+    if is_main:
         plot_run(run_dir)
         best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
         if best:
