@@ -113,8 +113,9 @@ class RecipeDPOTrainer(DPOTrainer):
                     model, dataset, self.data_collator, batch_size, self.accelerator.device, self.accelerator.autocast
                 )
 
-        # The main process computes and writes the cache; the others then read it.
-        with self.accelerator.main_process_first():
+        # The main process computes and writes the cache; the others then read it. Its DataLoader draws from the
+        # global RNG, which the training sampler uses next: forking keeps a cold and a warm cache on the same data order.
+        with self.accelerator.main_process_first(), torch.random.fork_rng():
             chosen, rejected, hit = cached_reference_logps(path, compute)
         self.reference_cache_hits[name] = hit
         return with_reference_columns(dataset, chosen, rejected)
@@ -199,6 +200,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def _write_best(run_dir: Path, metric: str) -> None:
+    best = best_epoch(read_metrics(run_dir), metric)
+    if best is not None:
+        _atomic_write(run_dir / BEST_FILE, json.dumps(best, indent=2))
+        _point_best_link(run_dir, best["checkpoint"])
+
+
 def _point_best_link(run_dir: Path, target: str) -> None:
     link = run_dir / BEST_LINK
     temporary = run_dir / (BEST_LINK + ".tmp")
@@ -239,19 +247,18 @@ class EpochRecorder(TrainerCallback):
         final = self.run_dir / f"{EPOCH_PREFIX}{epoch}"
         if final.exists():
             shutil.rmtree(final)
-        # The rename is the commit point: only a finished save ever carries the `epoch-` name.
-        os.replace(saved, final)
         seconds = max(self.train_seconds, 1e-9)
         train = dict(self.train_means)
         train["tokens_per_s"] = train.get("tokens", 0) / seconds
         train["pairs_per_s"] = train.get("pairs", 0) / seconds
         record = {"epoch": epoch, "step": state.global_step, "train": train, "val": dict(self.val_means)}
+        # The record goes first, so a committed epoch always has one; a record whose rename never happened is
+        # dropped on resume (`_forget_epochs_after`).
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        best = best_epoch(read_metrics(self.run_dir), self.best_metric)
-        if best is not None:
-            _atomic_write(self.run_dir / BEST_FILE, json.dumps(best, indent=2))
-            _point_best_link(self.run_dir, best["checkpoint"])
+        # The rename is the commit point: only a finished save ever carries the `epoch-` name.
+        os.replace(saved, final)
+        _write_best(self.run_dir, self.best_metric)
         print(_epoch_line(record), flush=True)
 
 
@@ -282,9 +289,13 @@ class InterruptGuard(TrainerCallback):
             with contextlib.suppress(ValueError):  # not the main thread
                 self._previous[signum] = signal.signal(signum, self._request_stop)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.interrupted:
@@ -342,6 +353,7 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         fp16=precision == "fp16",
         # Fused AdamW needs the optimizer's tensors on an accelerator to pay off; plain AdamW elsewhere.
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=training.gradient_checkpointing,
         torch_compile=training.torch_compile,
         eval_strategy="epoch",
@@ -382,8 +394,14 @@ class PreparedRun:
 
 def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
     """Everything up to the first step: data, tokenizer, model, reference log-probs, and the trainer."""
-    state = PartialState()
+    # Without a GPU, processes started by `accelerate launch` join one gloo group (MULTI_CPU) instead of each
+    # training alone.
+    state = PartialState(cpu=not torch.cuda.is_available())
     precision = resolve_precision(config.training.precision, config.source_file)
+    try:  # before any data or model work, so a typo in loss.type costs nothing
+        loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing)
+    except ValueError as error:
+        raise ConfigError(f"{config.source_file}: {error}") from None
     run_dir = config.run_dir
     resume_from = None
     if resume:
@@ -410,6 +428,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
             tokenizer.save_pretrained(reference_dir(run_dir))
         if resume_from is not None:
             _forget_epochs_after(run_dir, int(resume_from.name[len(EPOCH_PREFIX) :]))
+            _write_best(run_dir, config.training.best_metric)
     state.wait_for_everyone()
 
     if config.logging.wandb:
@@ -435,7 +454,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[EpochRecorder(run_dir, totals, config.training.best_metric), guard],
-        loss_fn=resolve_loss(config.loss.type, config.loss.label_smoothing),
+        loss_fn=loss_fn,
         reference_cache_dir=config.training.reference_cache_dir,
         totals=totals,
     )
@@ -456,17 +475,21 @@ def run_training(config: RecipeConfig, resume: bool = False) -> int:
     from .report import plot_run
 
     run = prepare_run(config, resume)
-    run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    try:
+        run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    finally:
+        run.guard.restore()  # HF skips on_train_end when training raises
     run_dir = config.run_dir
     is_main = run.trainer.accelerator.is_main_process
     if run.guard.interrupted:
         if is_main:
             last = latest_checkpoint(run_dir)
-            kept = f"last complete checkpoint: {last}" if last else "no epoch had finished"
-            print(
-                f"interrupted; {kept}. Resume with: accelerate launch scripts/train.py --config {config.source_file} --resume",
-                file=sys.stderr,
-            )
+            # The run directory's config.yaml is the resolved config, --set overrides included.
+            command = f"accelerate launch scripts/train.py --config {run_dir / 'config.yaml'}"
+            if last:
+                print(f"interrupted; last complete checkpoint: {last}. Resume with: {command} --resume", file=sys.stderr)
+            else:
+                print(f"interrupted before any epoch finished; nothing to resume. Start again with: {command}", file=sys.stderr)
         return 130
     if is_main:
         plot_run(run_dir)

@@ -1,0 +1,108 @@
+"""hh-rlhf parsing, deterministic sampling and truncation that keeps every pair."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpo_recipe.config import DataConfig
+from dpo_recipe.data import (
+    BadRow,
+    DataReport,
+    PreparedData,
+    load_text_splits,
+    prepare_data,
+    split_dialogue,
+    truncate_pair,
+)
+
+from conftest import write_jsonl
+
+PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant: How do you like it?\n\nHuman: Soft.\n\nAssistant:"
+
+
+def test_prompt_is_everything_up_to_the_last_shared_assistant_marker():
+    prompt, chosen, rejected = split_dialogue(PROMPT + " Boil it for six minutes.", PROMPT + " Figure it out.")
+    assert prompt == PROMPT
+    assert (chosen, rejected) == (" Boil it for six minutes.", " Figure it out.")
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, reason",
+    [
+        (PROMPT + " Same.", PROMPT + " Same.", "identical"),
+        ("\n\nHuman: hi there", "\n\nHuman: hello there", "no_assistant_marker"),
+        (PROMPT + " ", PROMPT + " Something.", "empty_response"),
+        (
+            "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+            "\n\nHuman: a\n\nAssistant: x\n\nHuman: c\n\nAssistant: d2",
+            "prompt_mismatch",
+        ),
+        ("", PROMPT + " x", "empty_text"),
+    ],
+)
+def test_unusable_pairs_are_named_by_reason(chosen, rejected, reason):
+    with pytest.raises(BadRow) as raised:
+        split_dialogue(chosen, rejected)
+    assert raised.value.reason == reason
+
+
+def test_truncation_keeps_whole_responses_and_cuts_the_oldest_prompt_tokens():
+    prompt, chosen, rejected = list(range(100)), [1000 + i for i in range(30)], [2000 + i for i in range(10)]
+    p, c, r, kinds = truncate_pair(prompt, chosen, rejected, max_length=64, min_prompt_tokens=8)
+    assert (c, r) == (chosen, rejected)  # responses intact
+    assert p == prompt[-34:]  # the newest 64 - 30 prompt tokens
+    assert kinds == {"prompt_cut_left": True, "response_cut_right": False}
+    assert len(p) + max(len(c), len(r)) == 64
+
+
+def test_only_a_response_longer_than_the_limit_is_cut_from_the_right():
+    prompt, chosen, rejected = list(range(20)), [1000 + i for i in range(80)], [2000 + i for i in range(5)]
+    p, c, r, kinds = truncate_pair(prompt, chosen, rejected, max_length=64, min_prompt_tokens=8)
+    assert p == prompt[-8:]
+    assert c == chosen[:56] and r == rejected
+    assert kinds == {"prompt_cut_left": True, "response_cut_right": True}
+
+
+def test_pairs_that_fit_are_untouched():
+    assert truncate_pair([1, 2], [3], [4, 5], 16, 8) == ([1, 2], [3], [4, 5], {"prompt_cut_left": False, "response_cut_right": False})
+
+
+def _dialogue(i: int, turns: int) -> dict:
+    prompt = "".join(f"\n\nHuman: question {i}.{t} about cooking\n\nAssistant: answer {t}" for t in range(turns))
+    prompt += f"\n\nHuman: final question {i}?\n\nAssistant:"
+    return {"chosen": prompt + f" A kind and useful answer number {i}.", "rejected": prompt + " Go away."}
+
+
+def test_local_file_splits_are_deterministic_disjoint_and_reported(tmp_path, tokenizer):
+    rows = [_dialogue(i, turns=i % 6) for i in range(40)] + [{"chosen": "no marker", "rejected": "at all"}, "{oops"]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = DataConfig(source=str(path), num_pairs=20, val_fraction=0.25, num_test_pairs=10, max_length=48)
+
+    first = load_text_splits(config, seed=7, report=DataReport())
+    again = load_text_splits(config, seed=7, report=DataReport())
+    other = load_text_splits(config, seed=8, report=DataReport())
+    assert first.indices() == again.indices()
+    assert first.indices() != other.indices()
+    indices = first.indices()
+    assert (len(indices["train"]), len(indices["val"]), len(indices["test"])) == (15, 5, 10)
+    assert len(set(indices["train"]) | set(indices["val"]) | set(indices["test"])) == 30
+
+    report = DataReport()
+    data = prepare_data(load_text_splits(config, seed=7, report=report), tokenizer, config, report)
+    assert report.dropped[str(path)] == {"no_assistant_marker": 1, "malformed_json": 1}
+    assert report.dropped_examples[str(path)]["malformed_json"] == [42]  # 1-based line number
+    truncated = sum(report.truncated[split]["prompt_cut_left"] for split in ("train", "val", "test"))
+    assert truncated > 0  # long prompts were cut, not dropped
+    assert (len(data.train), len(data.val), len(data.test)) == (15, 5, 10)
+    for split in (data.train, data.val, data.test):
+        for prompt, chosen, rejected in zip(split["prompt_ids"], split["chosen_ids"], split["rejected_ids"]):
+            assert len(prompt) + max(len(chosen), len(rejected)) <= 48
+            assert chosen[-1] == tokenizer.eos_token_id  # whole responses keep their end-of-sequence token
+
+    data.write(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "data_indices.json").read_text()) == indices
+    written = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert written["dropped"][str(path)]["malformed_json"] == 1
+    assert isinstance(data, PreparedData)

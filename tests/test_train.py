@@ -1,0 +1,84 @@
+"""End to end on the offline smoke config: checkpoints, metrics, plots, LoRA, and a 2-process launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from accelerate.utils import is_peft_model
+from safetensors.torch import load_file
+
+from dpo_recipe.trainer import epoch_dirs, prepare_run, read_metrics, run_training
+
+from conftest import REPO
+
+METRIC_KEYS = {"loss", "chosen_reward", "rejected_reward", "margin", "accuracy"}
+
+
+def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
+    config = smoke_config()
+    assert run_training(config) == 0
+    run_dir = config.run_dir
+    epochs = epoch_dirs(run_dir)
+    assert [path.name for path in epochs] == ["epoch-1", "epoch-2", "epoch-3"]
+    for path in epochs:
+        assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+        assert not list(path.glob("pytorch_model*")) and not list(path.glob("adapter_model.bin"))  # weights: safetensors only
+    records = read_metrics(run_dir)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert METRIC_KEYS | {"tokens_per_s"} <= set(record["train"])
+        assert METRIC_KEYS <= set(record["val"])
+        assert record["train"]["tokens_per_s"] > 0
+        assert record["val"]["margin"] == record["val"]["chosen_reward"] - record["val"]["rejected_reward"]
+    # 192 train pairs at an effective batch of 16: 12 optimizer steps per epoch
+    assert [r["step"] for r in records] == [12, 24, 36]
+    assert records[-1]["val"]["accuracy"] > 0.6  # the preference was learned
+    for plot in ("loss.png", "rewards.png", "accuracy.png"):
+        assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    indices = json.loads((run_dir / "data_indices.json").read_text())
+    assert (len(indices["train"]), len(indices["val"]), len(indices["test"])) == (192, 48, 48)
+    best = json.loads((run_dir / "best.json").read_text())
+    val_losses = {r["epoch"]: r["val"]["loss"] for r in records}
+    assert best["epoch"] == min(val_losses, key=val_losses.get)
+    assert (run_dir / "best").resolve() == (run_dir / f"epoch-{best['epoch']}").resolve()
+
+
+def test_lora_trains_only_the_adapter_and_uses_the_base_as_reference(smoke_config):
+    config = smoke_config("model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0", "training.num_epochs=2")
+    run = prepare_run(config)
+    assert is_peft_model(run.trainer.model)
+    assert run.trainer.ref_model is None  # the reference is the base with the adapter disabled, not a copy
+    run.trainer.train()
+    final = epoch_dirs(config.run_dir)[-1]
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+
+    reference = load_file(config.run_dir / "reference" / "model.safetensors")
+    trained = run.trainer.model.get_base_model().state_dict()
+    base_weights = {name.replace(".base_layer", ""): value for name, value in trained.items() if "lora_" not in name}
+    changed_base = [name for name, value in reference.items() if not torch.equal(base_weights[name], value)]
+    assert changed_base == []
+    adapter = load_file(final / "adapter_model.safetensors")
+    lora_b = [value for name, value in adapter.items() if "lora_B" in name]
+    assert lora_b and all(value.abs().max() > 0 for value in lora_b)  # lora_B starts at zero: it was trained
+
+
+def test_two_process_launch_keeps_the_effective_batch(tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(REPO / "recipes" / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2",
+        str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
+        "--set", f"training.output_dir={out}", "--set", f"training.reference_cache_dir={tmp_path / 'cache'}",
+        "--set", "training.num_epochs=2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch: 2 process(es) x micro-batch 8 x accumulation 1 = effective batch 16" in result.stdout
+    records = read_metrics(out / "smoke")
+    assert [r["step"] for r in records] == [12, 24]  # ceil(192 / 16) optimizer steps per epoch
+    assert [r["train"]["pairs"] for r in records] == [192, 192]  # every pair once per epoch, across both ranks
