@@ -10,6 +10,9 @@ import sys
 import torch
 from accelerate.utils import is_peft_model
 from safetensors.torch import load_file
+from transformers import GPT2LMHeadModel
+
+from dpo_recipe.cli import main
 
 from dpo_recipe.trainer import epoch_dirs, prepare_run, read_metrics, run_training
 
@@ -64,6 +67,16 @@ def test_lora_trains_only_the_adapter_and_uses_the_base_as_reference(smoke_confi
     adapter = load_file(final / "adapter_model.safetensors")
     lora_b = [value for name, value in adapter.items() if "lora_B" in name]
     assert lora_b and all(value.abs().max() > 0 for value in lora_b)  # lora_B starts at zero: it was trained
+
+    # Merging folds the adapter in: a plain model whose outputs equal base + adapter.
+    assert main(["merge", "--checkpoint", str(final), "--out", str(config.run_dir / "merged")]) == 0
+    merged = GPT2LMHeadModel.from_pretrained(config.run_dir / "merged").eval()
+    peft_model = run.trainer.model.eval()
+    input_ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=input_ids).logits
+        assert torch.allclose(merged(input_ids=input_ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(GPT2LMHeadModel.from_pretrained(config.run_dir / "reference")(input_ids=input_ids).logits, expected, atol=1e-5)
 
 
 def test_two_process_launch_keeps_the_effective_batch(tmp_path):

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +28,6 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _command_train(args) -> int:
     from .config import load_config
-    from .trainer import run_training
 
     config = load_config(args.config, args.overrides)
     if args.strict:
@@ -34,6 +35,8 @@ def _command_train(args) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    from .trainer import run_training  # imported after the config is known good: torch and trl take seconds
+
     return run_training(config, resume=args.resume)
 
 
@@ -41,6 +44,51 @@ def _command_print_config(args) -> int:
     from .config import load_config
 
     print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def _command_eval(args) -> int:
+    from .evaluate import eval_table, evaluate_paths
+
+    results = evaluate_paths(args.paths, args.all_epochs, args.data, args.batch_size)
+    print(eval_table(results))
+    print("\n".join(f"wrote {r['path']}" for r in results))
+    return 0
+
+
+def _command_rank(args) -> int:
+    from .config import ConfigError
+    from .evaluate import rank_responses, rank_table, read_rank_triples
+
+    if args.pairs:
+        triples = read_rank_triples(args.pairs)
+    elif args.prompt and args.response_a and args.response_b:
+        triples = [{"prompt": args.prompt, "response_a": args.response_a, "response_b": args.response_b}]
+    else:
+        raise ConfigError("rank: give --pairs FILE, or all of --prompt, --response-a and --response-b")
+    print(rank_table(rank_responses(args.checkpoint, triples)))
+    return 0
+
+
+def _command_generate(args) -> int:
+    from .evaluate import SamplingSettings, write_generations
+
+    settings = SamplingSettings(args.num_prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    print(f"wrote {write_generations(args.checkpoint, settings, args.out)}")
+    return 0
+
+
+def _command_merge(args) -> int:
+    from .evaluate import merge_adapter
+
+    print(f"wrote {merge_adapter(args.checkpoint, args.out)}")
+    return 0
+
+
+def _command_report(args) -> int:
+    from .report import write_sweep_report
+
+    print(f"wrote {write_sweep_report(args.runs, args.out)}")
     return 0
 
 
@@ -58,6 +106,41 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("print-config", help="print the fully resolved config (loads no model or data)")
     _config_arguments(show)
     show.set_defaults(handler=_command_print_config)
+
+    evaluate = commands.add_parser("eval", help="evaluate checkpoints on the run's test pairs (or --data); writes eval_*.json")
+    evaluate.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a checkpoint, a run directory, or a directory of runs")
+    evaluate.add_argument("--all-epochs", action="store_true", help="every epoch of each run (default: its best epoch)")
+    evaluate.add_argument("--data", help="evaluate on this preference dataset (hh-rlhf JSONL or hub id) instead")
+    evaluate.add_argument("--batch-size", type=int, help="pairs per batch (default: the run's training.eval_batch_size)")
+    evaluate.set_defaults(handler=_command_eval)
+
+    rank = commands.add_parser("rank", help="which of two responses a checkpoint prefers, by implicit reward")
+    rank.add_argument("--checkpoint", required=True, type=Path, help="e.g. checkpoints/beta0.3/best")
+    rank.add_argument("--pairs", type=Path, help="JSONL of {prompt, response_a, response_b}")
+    rank.add_argument("--prompt", help='the user turn, or a whole "\\n\\nHuman: ...\\n\\nAssistant:" dialogue')
+    rank.add_argument("--response-a")
+    rank.add_argument("--response-b")
+    rank.set_defaults(handler=_command_rank)
+
+    generate = commands.add_parser("generate", help="policy and reference samples for test prompts, side by side (markdown)")
+    generate.add_argument("--checkpoint", required=True, type=Path, help="e.g. checkpoints/beta0.3/best")
+    generate.add_argument("--num-prompts", type=int, default=4)
+    generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("--temperature", type=float, default=0.7)
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", type=Path, help="markdown file (default: <run>/generations_<checkpoint>.md)")
+    generate.set_defaults(handler=_command_generate)
+
+    report = commands.add_parser("report", help="sweep report: table and comparison plots of several runs")
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories, or a directory of runs")
+    report.add_argument("--out", type=Path, default=Path("reports/sweep.md"))
+    report.set_defaults(handler=_command_report)
+
+    merge = commands.add_parser("merge", help="fold a LoRA checkpoint's adapter into its base model")
+    merge.add_argument("--checkpoint", required=True, type=Path, help="an epoch-K (or best) directory holding an adapter")
+    merge.add_argument("--out", required=True, type=Path, help="directory for the merged model and tokenizer")
+    merge.set_defaults(handler=_command_merge)
     return parser
 
 
@@ -66,11 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
 
     args = build_parser().parse_args(argv)
+    config_file = getattr(args, "config", None)
     try:
         return args.handler(args)
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error)
+        if isinstance(error, ConfigError) and config_file and not message.startswith((config_file, str(Path(config_file).resolve()))):
+            message = f"{config_file}: {message}"  # checks made after loading (e.g. the model's context) name the file here
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        # A second Ctrl-C, or one before training began; complete `epoch-K` checkpoints are never touched by either.
+        print("error: interrupted; complete epoch checkpoints are kept (if one exists, add --resume to the same command)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:
         from .trainer import DivergenceError
 

@@ -83,6 +83,9 @@ class TrainingConfig:
     torch_compile: bool = False
     group_by_length: bool = True
     prompt_sharing: bool = True
+    # Batch width rounded up to a multiple of this. null: 64 on a GPU, exact on CPU. GPU attention kernels that take
+    # a mask (cuDNN) plan once per shape, and a new width every step cost ~0.3 s each (measured on an H200).
+    pad_to_multiple_of: int | None = None
     reference_cache_dir: str = ".cache/reference_logps"
     best_metric: str = "loss"
     logging_steps: int = 10
@@ -246,10 +249,17 @@ def _validate(config: RecipeConfig) -> None:
         ("training.effective_batch_size", config.training.effective_batch_size >= 1, "must be >= 1"),
         ("training.per_device_batch_size", config.training.per_device_batch_size >= 1, "must be >= 1"),
         ("training.eval_batch_size", config.training.eval_batch_size >= 1, "must be >= 1"),
+        ("training.pad_to_multiple_of", (config.training.pad_to_multiple_of or 1) >= 1, "must be >= 1 or null"),
         ("training.warmup_ratio", 0 <= config.training.warmup_ratio < 1, "must be in [0, 1)"),
         ("data.max_length", config.data.max_length >= 16, "must be >= 16"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be in (0, 1)"),
         ("data.num_pairs", config.data.num_pairs >= 2, "must be >= 2"),
+        # The validation split takes max(1, round(num_pairs * val_fraction)) pairs; training needs the rest.
+        (
+            "data.val_fraction",
+            max(1, round(config.data.num_pairs * config.data.val_fraction)) < config.data.num_pairs,
+            f"leaves no training pairs out of data.num_pairs = {config.data.num_pairs}",
+        ),
         ("data.num_test_pairs", config.data.num_test_pairs >= 0, "must be >= 0"),
         ("data.min_prompt_tokens", 1 <= config.data.min_prompt_tokens < config.data.max_length, "must be in [1, max_length)"),
         ("model.tokenizer_vocab_size", config.model.tokenizer_vocab_size >= 260, "must be >= 260 (256 bytes + specials)"),

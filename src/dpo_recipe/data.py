@@ -10,19 +10,22 @@ import gzip
 import json
 import os
 import random
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from datasets import Dataset
+from typing import TYPE_CHECKING, Any
 
 from .config import DataConfig
+
+if TYPE_CHECKING:  # `datasets` takes seconds to import; a bad config or data file should fail before that
+    from datasets import Dataset
 
 ASSISTANT_MARKER = "\n\nAssistant:"
 HUMAN_MARKER = "\n\nHuman:"
 SYNTHETIC_SOURCE = "synthetic"
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".json")
 EXAMPLE_LINES_PER_REASON = 5
 
 DROP_REASONS = {
@@ -142,7 +145,7 @@ def _local_rows(path: Path) -> Iterator[tuple[int, Any]]:
                     yield line_number, json.loads(text)
                 except json.JSONDecodeError:
                     yield line_number, BadRow("malformed_json")
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path}: cannot be read as {'gzip ' if opener is gzip.open else ''}JSONL ({error})") from None
 
 
@@ -164,7 +167,7 @@ def read_pairs(source: str, split: str, config: DataConfig, report: DataReport) 
 
         rows = enumerate(synthetic_rows(split, config.num_pairs + config.num_test_pairs, seed=0))
         name = f"synthetic:{split}"
-    elif source.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".json")) or Path(source).exists():
+    elif _is_local(source):
         path = Path(source)
         if not path.is_file():
             raise DataError(f"{source}: data file not found")
@@ -232,7 +235,7 @@ def load_text_splits(config: DataConfig, seed: int, report: DataReport, config_f
 
 
 def _is_local(source: str) -> bool:
-    return source == SYNTHETIC_SOURCE or source.endswith((".jsonl", ".jsonl.gz", ".json")) or Path(source).exists()
+    return source == SYNTHETIC_SOURCE or source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
 
 
 def truncate_pair(
@@ -263,6 +266,8 @@ def tokenize_pairs(
     pairs: list[PreferencePair], tokenizer, config: DataConfig, split: str, report: DataReport
 ) -> Dataset:
     """Tokenize prompt and responses separately (so both responses share the exact prompt tokens) and truncate."""
+    from datasets import Dataset
+
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode(texts: list[str]) -> list[list[int]]:

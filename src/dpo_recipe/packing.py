@@ -122,6 +122,16 @@ class PairCollator:
         return rows
 
 
+GPU_PAD_MULTIPLE = 64
+
+
+def make_collator(pad_token_id: int, share_prompt: bool, pad_to_multiple_of: int | None = None) -> PairCollator:
+    """The collator for this device: on a GPU, widths are rounded up so only a few batch shapes ever occur."""
+    if pad_to_multiple_of is None:
+        pad_to_multiple_of = GPU_PAD_MULTIPLE if torch.cuda.is_available() else 1
+    return PairCollator(pad_token_id, share_prompt=share_prompt, pad_to_multiple_of=pad_to_multiple_of)
+
+
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each pair's chosen and rejected response, each of shape (pairs,).
 
@@ -161,8 +171,11 @@ def dataset_pair_logps(
     lengths = dataset["length"]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    # A DataLoader draws a seed from the global RNG when iterated, even unshuffled. Its own generator keeps that draw
+    # off the global RNG, so a run trains the same whether its reference log-probs were computed or read from cache.
     loader = DataLoader(
-        [columns[i] for i in order], batch_size=batch_size, shuffle=False, collate_fn=collator
+        [columns[i] for i in order], batch_size=batch_size, shuffle=False, collate_fn=collator,
+        generator=torch.Generator(),
     )
     was_training = model.training
     model.eval()

@@ -24,6 +24,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
@@ -31,7 +32,7 @@ from .config import ConfigError, RecipeConfig
 from .data import DataReport, load_text_splits, prepare_data
 from .loss import resolve_loss
 from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
-from .packing import PairCollator, dataset_pair_logps, pair_logps
+from .packing import dataset_pair_logps, make_collator, pair_logps
 from .reference import cache_path, cached_reference_logps, with_reference_columns
 
 EPOCH_PREFIX = "epoch-"
@@ -79,6 +80,26 @@ class RunningTotals:
         }
 
 
+class WideLengthGroupedSampler(LengthGroupedSampler):
+    """HF's length grouping with mega-batches of 50 batches whatever the dataset size, in shuffled batch order.
+
+    HF caps a mega-batch at a quarter of the data, so a few hundred pairs are sorted 64 at a time and batches stay
+    ~19% padding (measured on hh-rlhf harmless-base); 50 batches bring that near zero. Shuffling the batches of a
+    mega-batch keeps HF's longest-first batch (an out-of-memory shows at step one) but no longer walks every
+    mega-batch from long to short.
+    """
+
+    MEGA_BATCH_BATCHES = 50
+
+    def __iter__(self):
+        indices = get_length_grouped_indices(
+            self.lengths, self.batch_size, mega_batch_mult=self.MEGA_BATCH_BATCHES, generator=self.generator
+        )
+        batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        order = torch.randperm(len(batches) - 1, generator=self.generator).add(1).tolist() if len(batches) > 1 else []
+        return iter([i for b in [batches[0], *(batches[j] for j in order)] for i in b])
+
+
 class RecipeDPOTrainer(DPOTrainer):
     def __init__(self, *args, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, **kwargs):
         self.loss_fn = loss_fn
@@ -113,9 +134,8 @@ class RecipeDPOTrainer(DPOTrainer):
                     model, dataset, self.data_collator, batch_size, self.accelerator.device, self.accelerator.autocast
                 )
 
-        # The main process computes and writes the cache; the others then read it. Its DataLoader draws from the
-        # global RNG, which the training sampler uses next: forking keeps a cold and a warm cache on the same data order.
-        with self.accelerator.main_process_first(), torch.random.fork_rng():
+        # The main process computes and writes the cache; the others then read it.
+        with self.accelerator.main_process_first():
             chosen, rejected, hit = cached_reference_logps(path, compute)
         self.reference_cache_hits[name] = hit
         return with_reference_columns(dataset, chosen, rejected)
@@ -160,6 +180,20 @@ class RecipeDPOTrainer(DPOTrainer):
     def evaluate(self, *args, **kwargs):
         self.totals.reset("eval")
         return super().evaluate(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            return WideLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, generator=sampler.generator)
+        return sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        # Evaluation needs no randomness, so pairs go longest first and batches pad almost nothing; HF's length
+        # grouping is built for training and leaves small evaluation sets in random order.
+        if self.args.world_size > 1 or "length" not in eval_dataset.column_names:
+            return super()._get_eval_sampler(eval_dataset)
+        lengths = eval_dataset["length"]
+        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def _finite(value: float) -> bool:
@@ -331,6 +365,12 @@ def batch_plan(config: RecipeConfig, world_size: int) -> tuple[int, int]:
     return micro, effective // (world_size * micro)
 
 
+# transformers renamed gradient checkpointing to activation checkpointing; use whichever this version knows.
+CHECKPOINTING_ARGUMENT = (
+    "activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ else "gradient_checkpointing"
+)
+
+
 def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOConfig:
     micro, accumulation = batch_plan(config, world_size)
     training = config.training
@@ -354,7 +394,7 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         # Fused AdamW needs the optimizer's tensors on an accelerator to pay off; plain AdamW elsewhere.
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=training.gradient_checkpointing,
+        **{CHECKPOINTING_ARGUMENT: training.gradient_checkpointing},
         torch_compile=training.torch_compile,
         eval_strategy="epoch",
         save_strategy="epoch",
@@ -448,7 +488,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
     trainer = RecipeDPOTrainer(
         model=model,
         args=dpo_arguments(config, state.num_processes, precision),
-        data_collator=PairCollator(tokenizer.pad_token_id, share_prompt=config.training.prompt_sharing),
+        data_collator=make_collator(tokenizer.pad_token_id, config.training.prompt_sharing, config.training.pad_to_multiple_of),
         train_dataset=data.train,
         eval_dataset=data.val,
         processing_class=tokenizer,

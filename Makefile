@@ -1,0 +1,56 @@
+# dpo-recipe. Every setting lives in configs/*.yaml; these targets only choose which file and launcher.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/beta0.3.yaml
+HAS_GPU := $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
+# One GPU: accelerate with bf16. No GPU: one plain process. Scale out with e.g.
+#   make train LAUNCH="$(BIN)/accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml"
+LAUNCH ?= $(if $(filter 1,$(HAS_GPU)),$(BIN)/accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml,$(BIN)/python)
+SWEEP_CONFIGS ?= configs/beta0.3.yaml configs/beta0.3_lr1e-5.yaml configs/beta0.5.yaml configs/beta0.7.yaml
+ARGS ?=
+
+.PHONY: install test smoke train eval sweep sweep-smoke bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned to the CPU build that is on disk here; on a GPU machine install your CUDA torch first instead.
+install: $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+
+test:
+	$(BIN)/python -m pytest tests
+
+smoke:
+	$(LAUNCH) scripts/train.py --config configs/smoke.yaml
+
+train:
+	$(LAUNCH) scripts/train.py --config $(CONFIG) $(ARGS)
+
+EVAL_PATHS ?= checkpoints
+SMOKE_BETAS ?= 0.1 0.3 1.0
+sweep_runs = $(foreach config,$(SWEEP_CONFIGS),checkpoints/$(basename $(notdir $(config))))
+smoke_runs = $(foreach beta,$(SMOKE_BETAS),checkpoints/smoke_beta$(beta))
+
+# Best epoch of every run under checkpoints/. One run: make eval EVAL_PATHS=checkpoints/beta0.3; every epoch: ARGS=--all-epochs
+eval:
+	$(BIN)/python scripts/eval.py $(EVAL_PATHS) $(ARGS)
+
+# The four sweep configs, each evaluated on its test pairs at its best epoch, then reports/sweep.md.
+sweep:
+	for config in $(SWEEP_CONFIGS); do $(LAUNCH) scripts/train.py --config $$config || exit 1; done
+	$(BIN)/python scripts/eval.py $(sweep_runs)
+	$(BIN)/python -m dpo_recipe report $(sweep_runs) --out reports/sweep.md
+
+# The same pipeline at smoke size (tiny GPT-2, synthetic pairs, CPU): one smoke run per beta, then reports/sweep_smoke.md.
+sweep-smoke:
+	for beta in $(SMOKE_BETAS); do $(LAUNCH) scripts/train.py --config configs/smoke.yaml --set run_name=smoke_beta$$beta --set loss.beta=$$beta || exit 1; done
+	$(BIN)/python scripts/eval.py $(smoke_runs)
+	$(BIN)/python -m dpo_recipe report $(smoke_runs) --out reports/sweep_smoke.md
+
+# This recipe's trainer against plain trl.DPOTrainer in one run; writes benchmarks/results.md.
+bench:
+	$(BIN)/python scripts/bench.py $(ARGS)

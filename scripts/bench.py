@@ -1,0 +1,48 @@
+"""Benchmark this recipe's trainer against plain trl.DPOTrainer: `python scripts/bench.py [--size tiny|124m] [...]`."""
+
+import argparse
+import shlex
+import sys
+
+from dpo_recipe.benchmark import MODEL_SHAPES, REAL_DATA, TRAINERS, BenchSettings, run_benchmark
+
+
+def main() -> int:
+    defaults = BenchSettings()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", choices=sorted(MODEL_SHAPES), default=defaults.size)
+    parser.add_argument(
+        "--data", default=str(REAL_DATA) if REAL_DATA.is_file() else None,
+        help=f"hh-rlhf JSONL(.gz) (default: {REAL_DATA} if present, else synthetic pairs with hh-rlhf-like lengths)",
+    )
+    parser.add_argument("--synthetic", action="store_true", help="use synthetic pairs even if the data file exists")
+    parser.add_argument("--train-pairs", type=int, default=defaults.train_pairs)
+    parser.add_argument("--eval-pairs", type=int, default=defaults.eval_pairs)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--tokenizer-vocab-size", type=int, default=defaults.tokenizer_vocab_size)
+    parser.add_argument(
+        "--baselines", nargs="*", choices=TRAINERS[1:], default=list(defaults.baselines),
+        help="plain-TRL baselines to run (default: both)",
+    )
+    parser.add_argument("--agreement-steps", type=int, default=defaults.agreement_steps, help="0 skips the check")
+    parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s, to report MFU")
+    parser.add_argument("--output", default=defaults.output, help="results markdown file")
+    args = parser.parse_args()
+    settings = BenchSettings(
+        size=args.size,
+        data=None if args.synthetic else args.data,
+        train_pairs=args.train_pairs,
+        eval_pairs=args.eval_pairs,
+        epochs=args.epochs,
+        tokenizer_vocab_size=args.tokenizer_vocab_size,
+        baselines=tuple(args.baselines),
+        agreement_steps=args.agreement_steps,
+        peak_flops=args.peak_flops,
+        output=args.output,
+        command=shlex.join(["python", "scripts/bench.py", *sys.argv[1:]]),
+    )
+    return run_benchmark(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

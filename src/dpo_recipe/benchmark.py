@@ -1,0 +1,551 @@
+"""Side-by-side speed benchmark: this recipe's `RecipeDPOTrainer` against plain `trl.DPOTrainer`.
+
+Every trainer gets the same randomly initialised GPT-2 (one seed, so the same weights), the same pre-tokenized pairs,
+the same effective batch, number of optimizer steps, learning rate, device and precision:
+- `ours`: `RecipeDPOTrainer` configured as `run_training` configures it: length-grouped batches, one shared-prompt row
+  per pair, reference log-probs computed once into an on-disk cache (a cold one: its cost is inside the timing).
+- `trl`: plain `trl.DPOTrainer` with its defaults, gradient checkpointing off; the reference model runs every step.
+- `trl_precompute`: the same with `precompute_ref_log_probs=True` (reference log-probs once, before training).
+Plain TRL is subclassed only to skip `_prepare_dataset`, because the pairs arrive tokenized; its compute path is TRL's.
+
+Each run happens in a fresh process, so its peak memory is its own and no run warms a cache for another.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import multiprocessing
+import os
+import platform
+import random
+import resource
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, LossConfig, RecipeConfig, TrainingConfig
+from .data import DataReport, PreferencePair, read_pairs, split_dialogue, tokenize_pairs
+from .synthetic import hh_length_rows
+
+# The pairs the issue measured; `make bench` runs from the repository root, next to ../shared.
+REAL_DATA = Path("../shared/data/hh-rlhf-harmless-base-1812.jsonl.gz")
+TRAINERS = ("ours", "trl", "trl_precompute")
+MODEL_SHAPES = {
+    # Small enough for a 2-core CPU. With the default 2048-token vocabulary the LM head is ~1/7 of the FLOPs per
+    # position: about its share in GPT-2 124M, whose 50257-word head projects only the ~40% of positions that are
+    # scored. So the body, not the head, sets the pace, as in the real model.
+    "tiny": {"n_embd": 256, "n_layer": 4, "n_head": 4},
+    # GPT-2 124M as the study trains it; its vocabulary stays GPT-2's even though the local tokenizer's is smaller.
+    "124m": {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024},
+}
+# In fp32 the two trainers compute the same sums in a different order; bf16 keeps only ~3 significant digits.
+LOSS_TOLERANCE = {"fp32": 1e-4}
+
+
+@dataclass
+class BenchSettings:
+    size: str = "tiny"
+    data: str | None = None  # hh-rlhf JSONL(.gz); None: hh-rlhf-length synthetic pairs
+    train_pairs: int = 256
+    eval_pairs: int = 300  # the study's validation set: 10% of 3000 pairs
+    epochs: int = 2
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    max_length: int = 256
+    tokenizer_vocab_size: int = 2048
+    learning_rate: float = 1e-4
+    beta: float = 0.1
+    seed: int = 42
+    baselines: tuple[str, ...] = ("trl", "trl_precompute")
+    agreement_steps: int = 5
+    peak_flops: float | None = None  # the device's peak FLOP/s in the run's precision, for MFU
+    output: str | None = "benchmarks/results.md"
+    command: str = ""
+
+
+@dataclass
+class BenchData:
+    description: str
+    tokenizer: Any
+    train: dict[str, list]  # tokenized columns: plain lists travel to the worker processes
+    eval: dict[str, list]
+    report_lines: list[str]
+
+
+@dataclass
+class Job:
+    trainer: str
+    group_by_length: bool = True  # ours only
+    max_steps: int = -1
+    logging_steps: int = 10
+    evaluate: bool = False
+
+
+
+@dataclass
+class RunResult:
+    seconds: float  # trainer construction (any reference pass included) + train()
+    steps: int
+    pairs: int
+    data_tokens: int  # non-pad tokens of the pairs as [prompt, chosen] + [prompt, rejected]: equal for every trainer
+    epoch_tokens: int  # non-pad positions one epoch of the trainer's own batches holds
+    epoch_positions: int  # all positions of those batches, padding included
+    epoch_pairs: int
+    reference_tokens: int  # non-pad positions the reference model processed
+    parameters: int
+    peak_memory: int
+    losses: list[float] = field(default_factory=list)
+    eval_seconds: float | None = None
+    eval_pairs: int = 0
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / self.seconds
+
+    @property
+    def positions_per_pair(self) -> float:
+        return self.epoch_positions / self.epoch_pairs
+
+    @property
+    def padding(self) -> float:
+        return 1 - self.epoch_tokens / self.epoch_positions
+
+    def mfu(self, epochs: int, peak_flops: float | None) -> float | None:
+        """6·N·(training tokens) + 2·N·(reference-forward tokens), over the time, over the peak."""
+        if not peak_flops:
+            return None
+        flops = 6 * self.parameters * self.epoch_tokens * epochs + 2 * self.parameters * self.reference_tokens
+        return flops / self.seconds / peak_flops
+
+
+def draw(pool: list, count: int, rng: random.Random) -> list:
+    """`count` items from passes over seeded shuffles of `pool`: every item once before any repeats."""
+    drawn: list = []
+    while len(drawn) < count:
+        order = list(pool)
+        rng.shuffle(order)
+        drawn.extend(order)
+    return drawn[:count]
+
+
+def load_bench_data(settings: BenchSettings) -> BenchData:
+    """Pairs drawn from the data, one local byte-level BPE, tokenized and truncated once for every trainer."""
+    from .models import train_local_tokenizer
+
+    config = DataConfig(source=settings.data or "synthetic", max_length=settings.max_length)
+    report = DataReport()
+    needed = settings.train_pairs + settings.eval_pairs
+    if settings.data:
+        pool = read_pairs(settings.data, "train", config, report)
+        description = f"{settings.data}: {len(pool)} usable pairs"
+    else:
+        rows = hh_length_rows(needed, seed=settings.seed)
+        pool = [PreferencePair(i, *split_dialogue(row["chosen"], row["rejected"])) for i, row in enumerate(rows, 1)]
+        description = f"synthetic pairs with hh-rlhf-like lengths (`synthetic.hh_length_rows`): {len(pool)}"
+    if needed > len(pool):
+        description += f"; {needed} drawn in passes over seeded shuffles (each pair once before any repeats)"
+    pairs = draw(pool, needed, random.Random(settings.seed))
+    # The tokenizer sees the whole pool, so token lengths do not depend on which subset is drawn.
+    tokenizer = train_local_tokenizer(
+        [text for pair in pool for text in (pair.prompt, pair.chosen, pair.rejected)], settings.tokenizer_vocab_size
+    )
+    train = tokenize_pairs(pairs[: settings.train_pairs], tokenizer, config, "bench_train", report)
+    evaluation = tokenize_pairs(pairs[settings.train_pairs :], tokenizer, config, "bench_eval", report)
+    return BenchData(description, tokenizer, train.to_dict(), evaluation.to_dict(), report.summary_lines())
+
+
+def layout_stats(columns: dict[str, list]) -> dict[str, float]:
+    prompts = [len(ids) for ids in columns["prompt_ids"]]
+    responses = [len(ids) for column in ("chosen_ids", "rejected_ids") for ids in columns[column]]
+    both = [c + r for c, r in zip(responses[: len(prompts)], responses[len(prompts) :])]
+    separate = sum(2 * p + r for p, r in zip(prompts, both))
+    shared = sum(p + r + 1 for p, r in zip(prompts, both))  # the prompt's last token repeats once per branch
+    return {
+        "median_prompt": sorted(prompts)[len(prompts) // 2],
+        "median_response": sorted(responses)[len(responses) // 2],
+        "separate_tokens": separate,
+        "shared_saving": 1 - shared / separate,
+    }
+
+
+def build_bench_model(settings: BenchSettings, tokenizer):
+    from .config import ModelConfig
+    from .models import build_model
+
+    return build_model(ModelConfig(tiny=MODEL_SHAPES[settings.size]), tokenizer, settings.seed, settings.max_length)
+
+
+def _recipe_trainer(job: Job, settings: BenchSettings, model, tokenizer, train, precision: str, work: str):
+    from .loss import resolve_loss
+    from .packing import make_collator
+    from .trainer import RecipeDPOTrainer, dpo_arguments
+
+    config = RecipeConfig(
+        run_name="bench",
+        training=TrainingConfig(
+            output_dir=work,
+            num_epochs=settings.epochs,
+            learning_rate=settings.learning_rate,
+            effective_batch_size=settings.batch_size,
+            per_device_batch_size=settings.batch_size,
+            eval_batch_size=settings.eval_batch_size,
+            seed=settings.seed,
+            group_by_length=job.group_by_length,
+            logging_steps=job.logging_steps,
+            reference_cache_dir=os.path.join(work, "reference_cache"),  # empty: the reference pass is paid here
+        ),
+        loss=LossConfig(beta=settings.beta),
+    )
+    # Saving and per-epoch evaluation are left out for every trainer alike; evaluation is timed on its own.
+    args = dataclasses.replace(
+        dpo_arguments(config, 1, precision),
+        eval_strategy="no", save_strategy="no", max_steps=job.max_steps, disable_tqdm=True,
+    )
+    return RecipeDPOTrainer(
+        model=model,
+        args=args,
+        data_collator=make_collator(tokenizer.pad_token_id, config.training.prompt_sharing, config.training.pad_to_multiple_of),
+        train_dataset=train,
+        processing_class=tokenizer,
+        loss_fn=resolve_loss(config.loss.type, config.loss.label_smoothing),
+        reference_cache_dir=config.training.reference_cache_dir,
+    )
+
+
+def _trl_trainer(job: Job, settings: BenchSettings, model, reference, tokenizer, train, precision: str, work: str):
+    from trl import DPOConfig, DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """Plain TRL, given pairs that are already tokenized: only dataset preparation is skipped."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    args = DPOConfig(
+        output_dir=work,
+        num_train_epochs=settings.epochs,
+        max_steps=job.max_steps,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        beta=settings.beta,
+        bf16=precision == "bf16",
+        gradient_checkpointing=False,
+        precompute_ref_log_probs=job.trainer == "trl_precompute",
+        logging_steps=job.logging_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+    return PretokenizedDPOTrainer(
+        model=model, ref_model=reference, args=args, train_dataset=train, processing_class=tokenizer
+    )
+
+
+def _epoch_positions(trainer) -> tuple[int, int]:
+    """(non-pad, all) positions in one epoch of the trainer's own train batches."""
+    real = total = 0
+    for batch in trainer.get_train_dataloader():
+        tokens = batch["pair_tokens"] if "pair_tokens" in batch else batch["attention_mask"]
+        real += int(tokens.sum())
+        total += batch["input_ids"].numel()
+    return real, total
+
+
+class PeakMemory:
+    """CUDA: `max_memory_allocated`. CPU: peak RSS (`getrusage` ru_maxrss) minus the RSS when measuring started."""
+
+    def __init__(self):
+        import psutil
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.start = psutil.Process().memory_info().rss
+
+    def peak(self) -> int:
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.start
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_job(job: Job, settings: BenchSettings, data: BenchData) -> RunResult:
+    """Train (and optionally evaluate) one trainer; runs in its own process."""
+    import datasets
+    import torch
+    import transformers
+    from transformers import PrinterCallback
+    from trl.trainer.utils import add_fused_lm_head
+
+    from .trainer import resolve_precision
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    precision = resolve_precision("auto", "benchmark")
+    train = datasets.Dataset.from_dict(data.train)
+    model = build_bench_model(settings, data.tokenizer)
+    with tempfile.TemporaryDirectory() as work:
+        memory = PeakMemory()
+        start = time.perf_counter()
+        # Plain TRL keeps a second model for its reference; a copy of the same weights, counted in its time and memory.
+        reference = copy.deepcopy(model) if job.trainer == "trl" else None
+        if job.trainer == "ours":
+            trainer = _recipe_trainer(job, settings, model, data.tokenizer, train, precision, work)
+        else:
+            trainer = _trl_trainer(job, settings, model, reference, data.tokenizer, train, precision, work)
+        trainer.remove_callback(PrinterCallback)  # log lines would interleave with the benchmark's output
+        trainer.train()
+        _synchronize()
+        seconds = time.perf_counter() - start
+        peak = memory.peak()
+        epoch_tokens, epoch_positions = _epoch_positions(trainer)
+        epochs = trainer.state.epoch or 0
+        result = RunResult(
+            seconds=seconds,
+            steps=trainer.state.global_step,
+            pairs=min(trainer.state.global_step * settings.batch_size, round(epochs * len(train))),
+            data_tokens=round(layout_stats(data.train)["separate_tokens"] * epochs),
+            epoch_tokens=epoch_tokens,
+            epoch_positions=epoch_positions,
+            epoch_pairs=len(train),
+            # trl runs the reference at every step; the other two once over the train set
+            reference_tokens=round(epoch_tokens * (epochs if job.trainer == "trl" else 1)),
+            parameters=sum(p.numel() for p in model.parameters()),
+            peak_memory=peak,
+            losses=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        )
+        if job.evaluate:
+            if trainer.ref_model is None:
+                # Full fine-tuning keeps no reference model; give both trainers the initial weights to score a new
+                # dataset with, which each does its own way (ours: a cold cached pass, sorted by length; TRL: its own).
+                initial = build_bench_model(settings, data.tokenizer)
+                add_fused_lm_head(initial)
+                trainer.ref_model = initial.to(trainer.accelerator.device).eval()
+            evaluation = datasets.Dataset.from_dict(data.eval)
+            _synchronize()
+            start = time.perf_counter()
+            trainer.evaluate(eval_dataset=evaluation)
+            _synchronize()
+            result.eval_seconds = time.perf_counter() - start
+            result.eval_pairs = len(evaluation)
+    return result
+
+
+def run_in_fresh_process(job: Job, settings: BenchSettings, data: BenchData) -> RunResult:
+    # spawn, not fork: a forked child inherits OpenMP and CUDA state that is not fork-safe
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_job, job, settings, data).result()
+
+
+def machine_description() -> dict[str, str]:
+    import torch
+    import transformers
+    import trl
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    machine = {
+        "cpu": f"{cpu}, {os.cpu_count()} cores (torch uses {torch.get_num_threads()} threads)",
+        "software": f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, trl {trl.__version__}",
+    }
+    if torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name()
+    return machine
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}x"
+
+
+def _memory(result: RunResult) -> str:
+    return f"{result.peak_memory / 2**20:,.0f} MiB"
+
+
+def agreement_check(ours: RunResult, trl: RunResult, precision: str) -> tuple[list[str], bool]:
+    lines = ["| step | ours (grouping off) | plain TRL | relative difference |", "|---:|---:|---:|---:|"]
+    worst = 0.0
+    for step, (a, b) in enumerate(zip(ours.losses, trl.losses), start=1):
+        difference = abs(a - b) / max(abs(b), 1e-12)
+        worst = max(worst, difference)
+        lines.append(f"| {step} | {a:.8f} | {b:.8f} | {difference:.1e} |")
+    tolerance = LOSS_TOLERANCE.get(precision)
+    complete = len(ours.losses) == len(trl.losses) > 0
+    ok = complete and (tolerance is None or worst <= tolerance)
+    verdict = (
+        f"largest relative difference {worst:.1e}, tolerance {tolerance:g}: {'PASS' if ok else 'FAIL'}"
+        if tolerance is not None
+        else f"largest relative difference {worst:.1e} (in {precision}: reported, not asserted)"
+    )
+    return lines + ["", verdict], ok
+
+
+def run_benchmark(settings: BenchSettings) -> int:
+    """Run every trainer, print and write the comparison. Returns 0, or 1 if the losses disagree."""
+    import torch
+
+    from .trainer import resolve_precision
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    precision = resolve_precision("auto", "benchmark")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    machine = machine_description()
+    data = load_bench_data(settings)
+    stats = layout_stats(data.train)
+    print(f"machine: {'; '.join(machine.values())}")
+    print(f"data: {data.description}; {settings.train_pairs} train + {settings.eval_pairs} eval pairs")
+    print(
+        f"tokens: median prompt {stats['median_prompt']}, median response {stats['median_response']:.0f}; "
+        f"sharing the prompt saves {stats['shared_saving']:.0%} of the tokens"
+    )
+    print("\n".join(data.report_lines))
+    print(
+        f"model: GPT-2 {settings.size} {MODEL_SHAPES[settings.size]}, tokenizer vocab {len(data.tokenizer)}, "
+        f"{device} {precision}; batch {settings.batch_size}, {settings.epochs} epochs. Plain TRL is "
+        "`trl.DPOTrainer` with only `_prepare_dataset` overridden (to accept these pre-tokenized pairs); its compute "
+        "path is TRL's own.",
+        flush=True,
+    )
+
+    results: dict[str, RunResult] = {}
+    for job in [Job("ours", evaluate=True)] + [Job(name, evaluate=name == "trl") for name in settings.baselines]:
+        print(f"running {job.trainer} ...", flush=True)
+        results[job.trainer] = result = run_in_fresh_process(job, settings, data)
+        print(f"  {result.seconds:.1f} s, {result.pairs_per_s:.2f} pairs/s, {result.steps} steps", flush=True)
+    agreement: list[str] = []
+    agreed = True
+    if settings.agreement_steps:
+        print("loss agreement: ours with length grouping off (the same sampler and order as TRL) vs plain TRL ...")
+        steps = settings.agreement_steps
+        ours = run_in_fresh_process(Job("ours", group_by_length=False, max_steps=steps, logging_steps=1), settings, data)
+        trl = run_in_fresh_process(Job("trl", max_steps=steps, logging_steps=1), settings, data)
+        agreement, agreed = agreement_check(ours, trl, precision)
+        print("\n".join(agreement))
+
+    table = summary_table(results, settings)
+    print("\n" + "\n".join(table))
+    if settings.output:
+        write_results(Path(settings.output), settings, machine, data, stats, precision, device, table, agreement)
+        print(f"\nwrote {settings.output}")
+    return 0 if agreed else 1
+
+
+def summary_table(results: dict[str, RunResult], settings: BenchSettings) -> list[str]:
+    ours = results["ours"]
+    show_mfu = settings.peak_flops is not None
+    header = (
+        "| trainer | time (s) | pairs/s | real tokens/s | positions/pair | padding | peak memory | eval pairs/s |"
+    )
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if show_mfu:
+        header, rule = header + " MFU |", rule + "---:|"
+    lines = [header, rule]
+    for name, result in results.items():
+        eval_rate = f"{result.eval_pairs / result.eval_seconds:.2f}" if result.eval_seconds else "-"
+        row = (
+            f"| {name} | {result.seconds:.1f} | {result.pairs_per_s:.2f} | {result.data_tokens / result.seconds:,.0f} "
+            f"| {result.positions_per_pair:.0f} | {result.padding:.1%} | {_memory(result)} | {eval_rate} |"
+        )
+        if show_mfu:
+            row += f" {result.mfu(settings.epochs, settings.peak_flops):.1%} |"
+        lines.append(row)
+    lines += ["", "| ours vs | training pairs/s | peak memory | evaluation pairs/s |", "|---|---:|---:|---:|"]
+    for name, result in results.items():
+        if name == "ours":
+            continue
+        evaluation = (
+            _ratio(ours.eval_pairs / ours.eval_seconds, result.eval_pairs / result.eval_seconds)
+            if result.eval_seconds and ours.eval_seconds
+            else "-"
+        )
+        memory = _ratio(ours.peak_memory, result.peak_memory) if result.peak_memory > 0 else "-"
+        lines.append(f"| {name} | {_ratio(ours.pairs_per_s, result.pairs_per_s)} | {memory} | {evaluation} |")
+    return lines
+
+
+def write_results(
+    path: Path, settings, machine, data: BenchData, stats, precision: str, device: str, table, agreement
+) -> None:
+    memory_kind = (
+        "CUDA `max_memory_allocated` (weights, optimizer state and activations)"
+        if device == "cuda"
+        else "peak RSS of the trainer's own process (`getrusage` ru_maxrss) minus its RSS just before the trainer "
+        "was built (data, model and imports are already loaded then). On CPU this is mostly the work buffers of "
+        "TRL's chunked LM head, which every trainer here uses (a 4096 x 32768 fp32 tile per pass whatever the "
+        "vocabulary: about 0.5 GiB for that kernel alone, measured here), so it says little about the layouts"
+    )
+    lines = [
+        "# Benchmark: RecipeDPOTrainer vs plain trl.DPOTrainer",
+        "",
+        f"Command: `{settings.command}`",
+        "",
+        "Hardware and software: " + "; ".join(f"{key}: {value}" for key, value in machine.items()),
+        "",
+        f"- Data: {data.description}. {settings.train_pairs} train pairs, {settings.eval_pairs} evaluation pairs, "
+        f"tokenized once with `dpo_recipe.data` (max_length {settings.max_length}) by a byte-level BPE trained on "
+        f"the pairs (vocab {len(data.tokenizer)}). Median prompt {stats['median_prompt']} tokens, median response "
+        f"{stats['median_response']:.0f}; sharing the prompt saves {stats['shared_saving']:.0%} of the tokens.",
+        f"- Model: randomly initialised GPT-2 `{settings.size}` {MODEL_SHAPES[settings.size]} (the same seed, so "
+        f"the same weights, for every trainer), {device}, {precision}.",
+        f"- Training: effective batch {settings.batch_size}, {settings.epochs} epochs, lr {settings.learning_rate}, "
+        f"beta {settings.beta}, seed {settings.seed}; the same number of optimizer steps for every trainer. Time is "
+        "trainer construction plus `train()`: reference passes (ours into an empty cache directory) are included.",
+        "- Trainers: `ours` = `RecipeDPOTrainer` as `run_training` sets it up (length-grouped batches, shared-prompt "
+        "rows, cached reference log-probs). `trl` = plain `trl.DPOTrainer` 1.16 with its defaults and gradient "
+        "checkpointing off (reference model run at every step). `trl_precompute` = the same with "
+        "`precompute_ref_log_probs=True`. Plain TRL is subclassed only to skip `_prepare_dataset`, so it takes the "
+        "same pre-tokenized `prompt_ids/chosen_ids/rejected_ids`; its compute path is TRL's own.",
+        "- Real tokens/s counts each pair's non-pad tokens as [prompt, chosen] + [prompt, rejected], the same for "
+        "every trainer (work done, not positions computed). Positions/pair and padding come from one epoch of each "
+        "trainer's own training batches (ours: one row per pair, holding the prompt once; TRL: two rows per pair).",
+        f"- Peak memory: {memory_kind}.",
+        f"- Evaluation: `trainer.evaluate()` on the {settings.eval_pairs} evaluation pairs after training, "
+        f"batch {settings.eval_batch_size}, both scored against the initial weights: plain TRL runs its reference "
+        "model next to the policy; ours first fills its reference cache (cold), then scores the policy.",
+    ]
+    if settings.peak_flops:
+        lines.append(
+            f"- MFU = (6·N·training tokens + 2·N·reference-forward tokens) / time / {settings.peak_flops:.3g} FLOP/s, "
+            "N = parameters (tied embeddings once), tokens = non-pad positions each trainer's passes process "
+            "(ours: prompt once per pair; trl: reference every step; precompute variants: reference once)."
+        )
+    lines += ["", "## Results", "", *table]
+    if agreement:
+        lines += [
+            "",
+            "## Loss agreement",
+            "",
+            f"The first {settings.agreement_steps} optimizer steps, ours with length grouping off (the same sampler "
+            "and data order as TRL) and everything else on, against plain TRL with a live reference:",
+            "",
+            *agreement,
+        ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,584 @@
+"""Evaluation of trained checkpoints on held-out pairs, and two ways to look at a policy by hand.
+
+- `evaluate_paths`: DPO loss, implicit rewards, accuracy (ties apart), log-probs and bootstrap CIs on a run's test
+  pairs (or any preference dataset), written as `eval_<dataset>.json` beside each checkpoint. Reference log-probs come
+  from the on-disk cache the trainer uses, so evaluating ten checkpoints costs at most one reference pass.
+- `rank_responses`: which of two responses a checkpoint prefers, by implicit reward beta * (log pi - log pi_ref).
+- `write_generations`: policy and reference samples for a few test prompts, side by side in markdown.
+
+Everything is read back from what training left in the run directory: the resolved `config.yaml`, the tokenizer
+saved with each checkpoint, `data_indices.json`, and (for locally built models) the initial model in `reference/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import ConfigError, RecipeConfig, load_config
+from .data import (
+    ASSISTANT_MARKER,
+    HUMAN_MARKER,
+    DataError,
+    DataReport,
+    PreferencePair,
+    load_text_splits,
+    read_pairs,
+    tokenize_pairs,
+)
+from .loss import resolve_loss
+from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
+from .packing import dataset_pair_logps, make_collator
+from .reference import cache_path, cached_reference_logps
+from .trainer import BEST_FILE, BEST_LINK, EPOCH_PREFIX, epoch_dirs, resolve_precision
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+RUN_CONFIG_FILE = "config.yaml"
+DATA_INDICES_FILE = "data_indices.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+TEST_DATASET = "test"
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
+
+
+def eval_file_name(dataset: str) -> str:
+    return f"eval_{dataset}.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics: pure functions of per-pair tensors.
+
+
+def bootstrap_ci(
+    values: torch.Tensor, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED, level: float = CI_LEVEL
+) -> tuple[float, float]:
+    """Percentile bootstrap interval for the mean of per-pair values; the fixed seed makes it reproducible."""
+    values = values.detach().double().flatten()
+    generator = torch.Generator().manual_seed(seed)
+    resampled = torch.randint(len(values), (samples, len(values)), generator=generator)
+    means = values[resampled].mean(dim=1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def preference_metrics(
+    losses: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    bootstrap_samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:
+    """Means over pairs, with accuracy = share of pairs whose chosen reward is strictly higher; ties are their own share.
+
+    A tie is not half a win: an untrained policy (equal to the reference) ties on every pair, and calling that 50%
+    accuracy would hide it.
+    """
+    if len(losses) == 0:
+        raise DataError("no pairs to evaluate")
+    wins = (chosen_rewards > rejected_rewards).double()
+    ties = (chosen_rewards == rejected_rewards).double()
+    margins = (chosen_rewards - rejected_rewards).double()
+    return {
+        "pairs": len(losses),
+        "loss": losses.double().mean().item(),
+        "chosen_reward": chosen_rewards.double().mean().item(),
+        "rejected_reward": rejected_rewards.double().mean().item(),
+        "reward_margin": margins.mean().item(),
+        "accuracy": wins.mean().item(),
+        "ties": ties.mean().item(),
+        "wins_count": int(wins.sum().item()),
+        "ties_count": int(ties.sum().item()),
+        "logps_chosen": chosen_logps.double().mean().item(),
+        "logps_rejected": rejected_logps.double().mean().item(),
+        "accuracy_ci95": list(bootstrap_ci(wins, bootstrap_samples, seed)),
+        "reward_margin_ci95": list(bootstrap_ci(margins, bootstrap_samples, seed)),
+        "bootstrap": {"samples": bootstrap_samples, "seed": seed, "level": CI_LEVEL},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs, checkpoints and the models in them.
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / ADAPTER_CONFIG_FILE).is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RUN_CONFIG_FILE).is_file()
+
+
+def load_run_config(run_dir: Path) -> RecipeConfig:
+    """The config the run was trained with (training writes it resolved, so no `base:` chain is needed)."""
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"{run_dir}: not a run directory (no {RUN_CONFIG_FILE} written by training)")
+    return load_config(run_dir / RUN_CONFIG_FILE)
+
+
+def run_checkpoints(run_dir: Path, all_epochs: bool = False) -> list[Path]:
+    """Every epoch, or the best one (the `best` link the trainer keeps; the last epoch if there is none)."""
+    epochs = epoch_dirs(run_dir)
+    if not epochs:
+        raise ConfigError(f"{run_dir}: no complete epoch checkpoint to evaluate")
+    if all_epochs:
+        return epochs
+    best = run_dir / BEST_LINK
+    return [best.resolve()] if best.is_dir() else [epochs[-1]]
+
+
+def find_runs(path: Path) -> list[Path]:
+    """A run directory itself, or the runs directly under a directory such as `checkpoints/`."""
+    path = Path(path)
+    if is_run_dir(path):
+        return [path]
+    runs = sorted(child for child in path.iterdir() if is_run_dir(child)) if path.is_dir() else []
+    if not runs:
+        raise ConfigError(f"{path}: neither a run directory (with {RUN_CONFIG_FILE}) nor a directory of runs")
+    return runs
+
+
+def find_checkpoints(path: str | Path, all_epochs: bool = False) -> list[Path]:
+    """Checkpoints named by a path: a checkpoint, a run (best or every epoch) or a directory of runs."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return [path.resolve()]  # `run/best` becomes `run/epoch-K`, so results land beside the real checkpoint
+    if is_run_dir(path):
+        return run_checkpoints(path, all_epochs)
+    found = []
+    for run in find_runs(path):
+        if epoch_dirs(run):
+            found.extend(run_checkpoints(run, all_epochs))
+        else:
+            print(f"skipping {run}: no complete epoch checkpoint", flush=True)
+    return found
+
+
+def checkpoint_epoch(checkpoint: Path) -> int | None:
+    suffix = checkpoint.name[len(EPOCH_PREFIX) :]
+    return int(suffix) if checkpoint.name.startswith(EPOCH_PREFIX) and suffix.isdigit() else None
+
+
+def load_reference_model(config: RecipeConfig, run_dir: Path, tokenizer) -> torch.nn.Module:
+    """The run's starting model: the saved initial model of a locally built run, else the configured base model."""
+    source = str(reference_dir(run_dir)) if config.model.tiny is not None else config.model.name_or_path
+    return build_model(config.model, tokenizer, config.training.seed, config.data.max_length, source=source).eval()
+
+
+def load_policy_model(
+    config: RecipeConfig, run_dir: Path, checkpoint: Path, tokenizer, fused_lm_head: bool = True
+) -> torch.nn.Module:
+    """A checkpoint's policy; a LoRA checkpoint holds only the adapter, which goes on top of the base model."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    is_adapter = (checkpoint / ADAPTER_CONFIG_FILE).is_file()
+    if is_adapter:
+        model = load_reference_model(config, run_dir, tokenizer)
+    else:
+        model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length, source=str(checkpoint))
+    if fused_lm_head:
+        add_fused_lm_head(model)  # must come before the PEFT wrapper
+    if is_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(checkpoint))
+    return model.eval()
+
+
+def merge_adapter(checkpoint: str | Path, out: str | Path) -> Path:
+    """Fold a LoRA checkpoint's adapter into its base model and save a plain model (safetensors) + tokenizer."""
+    checkpoint = Path(checkpoint).resolve()
+    if not (checkpoint / ADAPTER_CONFIG_FILE).is_file():
+        raise ConfigError(f"{checkpoint}: not a LoRA checkpoint (no {ADAPTER_CONFIG_FILE}); it already holds a full model")
+    config = load_run_config(checkpoint.parent)
+    tokenizer = load_tokenizer(config.model, source=str(checkpoint))
+    model = load_policy_model(config, checkpoint.parent, checkpoint, tokenizer, fused_lm_head=False).merge_and_unload()
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device.type, dtype=dtype)
+
+
+class RunScorer:
+    """What scoring pairs under one run needs: its config, tokenizer, batching, device, precision and loss."""
+
+    def __init__(self, run_dir: Path, tokenizer_source: Path, batch_size: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.config = load_run_config(self.run_dir)
+        self.config_file = str(self.run_dir / RUN_CONFIG_FILE)
+        try:
+            self.precision = resolve_precision(self.config.training.precision, self.config_file)
+        except ConfigError:  # e.g. a bf16 run looked at on a CPU: fp32 scores the same weights, only more exactly
+            print(f"note: training.precision {self.config.training.precision} is not available here; scoring in fp32")
+            self.precision = "fp32"
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.autocast = _autocast(self.precision, self.device)
+        self.tokenizer = load_tokenizer(self.config.model, source=str(tokenizer_source))
+        self.collator = make_collator(
+            self.tokenizer.pad_token_id, self.config.training.prompt_sharing, self.config.training.pad_to_multiple_of
+        )
+        self.batch_size = batch_size or self.config.training.eval_batch_size
+        self.loss_fn = resolve_loss(self.config.loss.type, self.config.loss.label_smoothing)
+        self.beta = self.config.loss.beta
+
+    def test_pairs(self, report: DataReport) -> list[PreferencePair]:
+        """The run's test pairs, rebuilt from its data config and seed and checked against what training recorded."""
+        splits = load_text_splits(self.config.data, self.config.training.seed, report, self.config_file)
+        indices_file = self.run_dir / DATA_INDICES_FILE
+        if indices_file.is_file():
+            recorded = json.loads(indices_file.read_text()).get("test")
+            rebuilt = [pair.index for pair in splits.test]
+            if recorded is not None and recorded != rebuilt:
+                raise DataError(
+                    f"{indices_file}: the test pairs rebuilt from {self.config.data.source} are not the ones training "
+                    f"recorded ({len(rebuilt)} vs {len(recorded)} pairs; did the data change?)"
+                )
+        return splits.test
+
+    def tokenize(self, pairs: list[PreferencePair], split: str, report: DataReport) -> Dataset:
+        return tokenize_pairs(pairs, self.tokenizer, self.config.data, split, report)
+
+    def logps(self, model: torch.nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        model.to(self.device)
+        return dataset_pair_logps(model, dataset, self.collator, self.batch_size, self.device, self.autocast)
+
+    def reference_model(self) -> torch.nn.Module:
+        from trl.trainer.utils import add_fused_lm_head
+
+        model = load_reference_model(self.config, self.run_dir, self.tokenizer)
+        add_fused_lm_head(model)
+        return model
+
+    def cached_reference_logps(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
+        """Reference log-probs through the trainer's cache: keyed by weights, token ids and precision."""
+        reference = self.reference_model()
+        path = cache_path(self.config.training.reference_cache_dir, model_fingerprint(reference), dataset, self.precision)
+        chosen, rejected, hit = cached_reference_logps(path, lambda: self.logps(reference, dataset))
+        return chosen, rejected, path, hit
+
+    def policy_model(self, checkpoint: Path, fused_lm_head: bool = True) -> torch.nn.Module:
+        return load_policy_model(self.config, self.run_dir, checkpoint, self.tokenizer, fused_lm_head)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def dataset_name(source: str) -> str:
+    """A file-name-safe name for a dataset given on the command line: its file stem or hub id."""
+    name = Path(source).name if Path(source).exists() else source
+    name = re.sub(r"\.(jsonl|json)(\.gz)?$", "", name)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "data"
+
+
+class RunEvaluator:
+    """Evaluates checkpoints of one run on one dataset; tokenized pairs and reference log-probs are made once."""
+
+    def __init__(self, run_dir: Path, tokenizer_source: Path, data_source: str | None = None, batch_size: int | None = None):
+        self.scorer = RunScorer(run_dir, tokenizer_source, batch_size)
+        self.report = DataReport()
+        if data_source is None:
+            self.dataset_name = TEST_DATASET
+            pairs = self.scorer.test_pairs(self.report)
+        else:
+            self.dataset_name = dataset_name(data_source)
+            config = self.scorer.config.data
+            pairs = read_pairs(data_source, config.test_split, config, self.report)
+            for line in self.report.summary_lines():
+                print(line, flush=True)
+        if not pairs:
+            raise DataError(f"{self.scorer.config_file}: no {self.dataset_name} pairs to evaluate (data.num_test_pairs is 0)")
+        self.data_source = data_source or f"{self.scorer.config.data.source} (test split of the run)"
+        self.dataset = self.scorer.tokenize(pairs, self.dataset_name, self.report)
+        self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reference_cache_file: Path | None = None
+
+    def reference_logps(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Reference log-probs and whether they came from disk; a run's later checkpoints reuse them from memory."""
+        if self._reference is not None:
+            return (*self._reference, True)
+        chosen, rejected, self.reference_cache_file, hit = self.scorer.cached_reference_logps(self.dataset)
+        self._reference = (chosen, rejected)
+        return chosen, rejected, hit
+
+    def evaluate(self, checkpoint: Path, bootstrap_samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+        scorer = self.scorer
+        ref_chosen, ref_rejected, hit = self.reference_logps()
+        policy = scorer.policy_model(checkpoint)
+        policy_chosen, policy_rejected = scorer.logps(policy, self.dataset)
+        del policy
+        losses, chosen_rewards, rejected_rewards = scorer.loss_fn(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, scorer.beta
+        )
+        best = scorer.run_dir / BEST_FILE
+        best_checkpoint = json.loads(best.read_text())["checkpoint"] if best.is_file() else None
+        result = {
+            "run": scorer.run_dir.name,
+            "checkpoint": checkpoint.name,
+            "epoch": checkpoint_epoch(checkpoint),
+            "is_best": checkpoint.name == best_checkpoint,
+            "dataset": self.dataset_name,
+            "data_source": self.data_source,
+            "loss_type": scorer.config.loss.type,
+            "beta": scorer.beta,
+            **preference_metrics(
+                losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, bootstrap_samples, seed
+            ),
+            "truncated": self.report.truncated.get(self.dataset_name, {}),
+            "dropped": {source: dict(counts) for source, counts in self.report.dropped.items()},
+            "precision": scorer.precision,
+            "reference_cache": {"file": str(self.reference_cache_file), "hit": hit},
+        }
+        path = checkpoint / eval_file_name(self.dataset_name)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        result["path"] = str(path)
+        return result
+
+
+def evaluate_paths(
+    paths: list[str | Path],
+    all_epochs: bool = False,
+    data_source: str | None = None,
+    batch_size: int | None = None,
+    bootstrap_samples: int = BOOTSTRAP_SAMPLES,
+) -> list[dict]:
+    """Evaluate every checkpoint the paths name, one run at a time so each run loads its data and reference once."""
+    by_run: dict[Path, list[Path]] = {}
+    for path in paths:
+        for checkpoint in find_checkpoints(path, all_epochs):
+            by_run.setdefault(checkpoint.parent, [])
+            if checkpoint not in by_run[checkpoint.parent]:
+                by_run[checkpoint.parent].append(checkpoint)
+    results = []
+    for run_dir, checkpoints in by_run.items():
+        evaluator = RunEvaluator(run_dir, checkpoints[0], data_source, batch_size)
+        for checkpoint in checkpoints:
+            results.append(evaluator.evaluate(checkpoint, bootstrap_samples))
+    return results
+
+
+def _interval(value: float, interval: list[float], digits: int) -> str:
+    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A pipe table with padded columns, so it reads the same in a terminal and rendered as markdown."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def eval_table(results: list[dict]) -> str:
+    headers = ["run", "checkpoint", "data", "pairs", "loss", "accuracy [95% CI]", "ties", "margin [95% CI]",
+               "chosen rwd", "rejected rwd", "logp chosen", "logp rejected"]  # fmt: skip
+    rows = [
+        [
+            r["run"],
+            r["checkpoint"] + (" (best)" if r["is_best"] else ""),
+            r["dataset"],
+            r["pairs"],
+            f"{r['loss']:.4f}",
+            _interval(r["accuracy"], r["accuracy_ci95"], 3),
+            f"{r['ties']:.3f}",
+            _interval(r["reward_margin"], r["reward_margin_ci95"], 3),
+            f"{r['chosen_reward']:.3f}",
+            f"{r['rejected_reward']:.3f}",
+            f"{r['logps_chosen']:.1f}",
+            f"{r['logps_rejected']:.1f}",
+        ]
+        for r in results
+    ]
+    return markdown_table(headers, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranking two responses.
+
+RANK_KEYS = ("prompt", "response_a", "response_b")
+
+
+def as_dialogue(prompt: str, response: str) -> tuple[str, str]:
+    """Bare text becomes an hh-rlhf turn ("\\n\\nHuman: ...\\n\\nAssistant:" + " response"), as the model was trained on."""
+    prompt = prompt.rstrip()
+    if not prompt.endswith(ASSISTANT_MARKER.strip()):
+        if HUMAN_MARKER.strip() not in prompt:
+            prompt = f"{HUMAN_MARKER} {prompt.strip()}"
+        prompt += ASSISTANT_MARKER
+    if response[:1] not in (" ", "\n"):
+        response = " " + response
+    return prompt, response
+
+
+def read_rank_triples(path: str | Path) -> list[dict[str, str]]:
+    """{prompt, response_a, response_b} objects, one per line; any bad line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    triples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected an object with keys {', '.join(RANK_KEYS)}")
+        for key in RANK_KEYS:
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataError(f"{path}:{number}: key '{key}' must be a non-empty string")
+        triples.append({key: row[key] for key in RANK_KEYS})
+    if not triples:
+        raise DataError(f"{path}: no pairs to rank (the file is empty)")
+    return triples
+
+
+def rank_responses(checkpoint: str | Path, triples: list[dict[str, str]], batch_size: int | None = None) -> list[dict]:
+    """Each response's implicit reward under the checkpoint, and which one it prefers ("a", "b" or "tie")."""
+    checkpoint = Path(checkpoint).resolve()
+    if not is_checkpoint(checkpoint):
+        raise ConfigError(f"{checkpoint}: not a checkpoint directory (no config.json or {ADAPTER_CONFIG_FILE})")
+    scorer = RunScorer(checkpoint.parent, checkpoint, batch_size)
+    # Response A is scored as "chosen" and B as "rejected": exactly the two branches of a training pair.
+    pairs = [PreferencePair(i, *as_dialogue(t["prompt"], t["response_a"]), as_dialogue(t["prompt"], t["response_b"])[1])
+             for i, t in enumerate(triples)]  # fmt: skip
+    report = DataReport()
+    dataset = scorer.tokenize(pairs, "rank", report)
+    policy_a, policy_b = scorer.logps(scorer.policy_model(checkpoint), dataset)
+    reference_a, reference_b = scorer.logps(scorer.reference_model(), dataset)
+    _, rewards_a, rewards_b = scorer.loss_fn(policy_a, policy_b, reference_a, reference_b, scorer.beta)
+    truncated = [kind for kind, count in report.truncated["rank"].items() if count]
+    results = []
+    for i, triple in enumerate(triples):
+        a, b = rewards_a[i].item(), rewards_b[i].item()
+        results.append({**triple, "reward_a": a, "reward_b": b, "prefers": "a" if a > b else "b" if b > a else "tie"})
+    if truncated:
+        print(f"note: some pairs were truncated to data.max_length={scorer.config.data.max_length} ({', '.join(truncated)})")
+    return results
+
+
+def rank_table(results: list[dict]) -> str:
+    def preview(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    rows = [
+        [i + 1, preview(r["response_a"]), f"{r['reward_a']:+.4f}", preview(r["response_b"]), f"{r['reward_b']:+.4f}",
+         r["prefers"].upper() if r["prefers"] != "tie" else "tie"]
+        for i, r in enumerate(results)
+    ]  # fmt: skip
+    return markdown_table(["#", "response A", "reward A", "response B", "reward B", "prefers"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation.
+
+
+@dataclass
+class SamplingSettings:
+    num_prompts: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+
+
+def _sample(model, tokenizer, prompt_ids: list[int], settings: SamplingSettings, seed: int) -> str:
+    from transformers import set_seed
+
+    set_seed(seed)  # the same seed for policy and reference, so differences come from the weights
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=True,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    text = tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)
+    # A dialogue model goes on to write the next human turn; the answer ends where that begins.
+    return text.split(HUMAN_MARKER)[0].strip()
+
+
+def _cell(text: str) -> str:
+    # An undertrained model emits control characters too; in a table cell they would break the row.
+    text = "".join(c if c.isprintable() or c == "\n" else " " if c == "\t" else "\ufffd" for c in text)
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return escaped.replace("\n", "<br>") or "*(empty)*"
+
+
+def write_generations(checkpoint: str | Path, settings: SamplingSettings | None = None, out: Path | None = None) -> Path:
+    """Sample from the policy and the reference for the first test prompts; write them side by side in markdown."""
+    settings = settings or SamplingSettings()
+    checkpoint = Path(checkpoint).resolve()
+    if not is_checkpoint(checkpoint):
+        raise ConfigError(f"{checkpoint}: not a checkpoint directory (no config.json or {ADAPTER_CONFIG_FILE})")
+    scorer = RunScorer(checkpoint.parent, checkpoint)
+    max_length = scorer.config.data.max_length
+    if not 0 < settings.max_new_tokens < max_length:
+        raise ConfigError(f"--max-new-tokens must be in [1, data.max_length={max_length}) (got {settings.max_new_tokens})")
+    if settings.num_prompts < 1 or settings.temperature <= 0 or not 0 < settings.top_p <= 1:
+        raise ConfigError(f"generate: need --num-prompts >= 1, --temperature > 0 and --top-p in (0, 1] (got {settings})")
+    pairs = scorer.test_pairs(DataReport())[: settings.num_prompts]
+    if not pairs:
+        raise DataError(f"{scorer.config_file}: the run has no test pairs to take prompts from")
+    models = {
+        f"policy ({checkpoint.name})": scorer.policy_model(checkpoint, fused_lm_head=False).to(scorer.device),
+        "reference": load_reference_model(scorer.config, scorer.run_dir, scorer.tokenizer).to(scorer.device),
+    }
+    lines = [
+        f"# Samples: {scorer.run_dir.name} / {checkpoint.name} vs. the reference",
+        "",
+        f"{len(pairs)} test prompts; sampling with temperature {settings.temperature}, top-p {settings.top_p}, "
+        f"at most {settings.max_new_tokens} new tokens, seed {settings.seed} (the same per prompt for both models). "
+        f"Each answer is cut where the model starts a new '\\n\\nHuman:' turn. Long prompts keep their last "
+        f"{max_length - settings.max_new_tokens} tokens.",
+        "",
+    ]
+    for number, pair in enumerate(pairs, start=1):
+        prompt_ids = scorer.tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = prompt_ids[-(max_length - settings.max_new_tokens) :]
+        seed = settings.seed + number
+        with torch.no_grad(), scorer.autocast():
+            samples = {name: _sample(model, scorer.tokenizer, prompt_ids, settings, seed) for name, model in models.items()}
+        lines += [
+            f"## Prompt {number} (test pair {pair.index})",
+            "",
+            "```text",
+            pair.prompt.strip(),
+            "```",
+            "",
+            "| " + " | ".join(models) + " | dataset's chosen response |",
+            "|" + "---|" * (len(models) + 1),
+            "| " + " | ".join(_cell(text) for text in samples.values()) + f" | {_cell(pair.chosen.strip())} |",
+            "",
+        ]
+    out = out or scorer.run_dir / f"generations_{checkpoint.name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out

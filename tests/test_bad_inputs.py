@@ -1,0 +1,303 @@
+"""Bad input of every kind: one line naming the file, key or line and what is allowed; exit 2; never a traceback.
+
+Config mistakes run the real CLI in a subprocess (it fails before torch is imported, so each costs well under a
+second). Mistakes that surface only once data or the model is loaded run `cli.main` in this process, to spare the
+seconds of importing torch again; one unknown hub dataset runs as a subprocess to show it fails fast offline.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dpo_recipe.cli import main
+from dpo_recipe.config import DataConfig, ModelConfig
+from dpo_recipe.data import DataError, DataReport, load_text_splits, read_pairs
+from dpo_recipe.synthetic import synthetic_rows
+
+from conftest import REPO, SMOKE_CONFIG, write_jsonl
+
+PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant:"
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dpo_recipe", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def single_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def write_config(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"base: {SMOKE_CONFIG}\ntraining:\n  output_dir: {tmp_path / 'checkpoints'}\n{text}")
+    return path
+
+
+# (YAML added to a run file over the smoke config, what the error must say after the file name)
+CONFIG_MISTAKES = {
+    "unknown key": ("  learnig_rate: 1.0e-4\n", "unknown key 'training.learnig_rate' (allowed here: "),
+    "unknown section": ("optimiser:\n  lr: 1\n", "unknown key 'optimiser' (allowed here: data, logging, loss, model,"),
+    "wrong type": ("  num_epochs: three\n", "training.num_epochs must be an integer, got 'three'"),
+    "bool for a number": ("loss:\n  beta: true\n", "loss.beta must be a number, got True"),
+    "beta zero": ("loss:\n  beta: 0\n", "loss.beta must be > 0 (got 0.0)"),
+    "beta negative": ("loss:\n  beta: -0.1\n", "loss.beta must be > 0 (got -0.1)"),
+    "lr zero": ("  learning_rate: 0\n", "training.learning_rate must be > 0 (got 0.0)"),
+    "max_length below 16": ("data:\n  max_length: 8\n", "data.max_length must be >= 16 (got 8)"),
+    "batch zero": ("  effective_batch_size: 0\n", "training.effective_batch_size must be >= 1 (got 0)"),
+    "micro-batch zero": ("  per_device_batch_size: 0\n", "training.per_device_batch_size must be >= 1 (got 0)"),
+    "val fraction 0": ("data:\n  val_fraction: 0\n", "data.val_fraction must be in (0, 1) (got 0.0)"),
+    "val fraction 1": ("data:\n  val_fraction: 1.0\n", "data.val_fraction must be in (0, 1) (got 1.0)"),
+    "val takes every pair": (
+        "data:\n  num_pairs: 4\n  val_fraction: 0.9\n",
+        "data.val_fraction leaves no training pairs out of data.num_pairs = 4 (got 0.9)",
+    ),
+    "unknown choice": ("  precision: fp64\n", "training.precision must be one of auto, bf16, fp32, fp16 (got 'fp64')"),
+}
+
+
+@pytest.mark.parametrize("mistake", CONFIG_MISTAKES)
+def test_config_mistake_is_one_line_naming_file_and_key(tmp_path, mistake):
+    yaml_text, expected = CONFIG_MISTAKES[mistake]
+    path = write_config(tmp_path, yaml_text)
+    result = run_cli("train", "--config", str(path))
+    assert result.returncode == 2
+    assert single_error_line(result.stderr).startswith(f"error: {path}: {expected}")
+    assert not (tmp_path / "checkpoints").exists()  # nothing was trained or written
+
+
+def test_override_mistake_and_broken_files_are_one_line(tmp_path):
+    result = run_cli("train", "--config", str(SMOKE_CONFIG), "--set", "loss.betta=0.1")
+    assert result.returncode == 2
+    assert single_error_line(result.stderr).startswith(f"error: {SMOKE_CONFIG}: unknown key 'loss.betta' (allowed here: ")
+
+    missing = tmp_path / "nope.yaml"
+    result = run_cli("print-config", "--config", str(missing))
+    assert result.returncode == 2
+    assert single_error_line(result.stderr) == f"error: {missing.resolve()}: config file not found"
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training:\n  num_epochs: [1, 2\n")
+    result = run_cli("print-config", "--config", str(broken))
+    assert result.returncode == 2
+    assert single_error_line(result.stderr).startswith(f"error: {broken.resolve()}:3: not valid YAML")
+
+
+def call_main(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, single_error_line(capsys.readouterr().err)
+
+
+def test_max_length_above_the_model_context_names_file_and_key(tmp_path, capsys):
+    path = write_config(tmp_path, "data:\n  num_pairs: 16\n  num_test_pairs: 4\nmodel:\n  tiny: {n_positions: 32}\n")
+    code, line = call_main(capsys, "train", "--config", str(path), "--set", "data.max_length=48")
+    assert code == 2
+    assert line == f"error: {path}: data.max_length must be <= the model's context of 32 tokens (got 48)"
+
+
+def test_more_pairs_than_the_data_holds_is_an_error_not_a_smaller_run(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_rows("train", 30))
+    path = write_config(tmp_path, f"data:\n  source: {data}\n  num_pairs: 28\n  num_test_pairs: 4\n")
+    code, line = call_main(capsys, "train", "--config", str(path))
+    assert code == 2
+    assert line == f"error: {path}: data.num_pairs + data.num_test_pairs = 32 but {data} has only 30 usable pairs"
+
+
+def test_unknown_loss_type_fails_before_any_data_is_read(tmp_path, capsys):
+    path = write_config(tmp_path, "loss:\n  type: dop\n")
+    code, line = call_main(capsys, "train", "--config", str(path))
+    assert code == 2
+    assert line.startswith(f"error: {path}: loss.type 'dop' is not one of dpo, ipo, cdpo nor a dotted path")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    path = write_config(tmp_path, "")
+    code, line = call_main(capsys, "train", "--config", str(path), "--resume")
+    assert code == 2
+    assert line == f"error: {path}: --resume: no complete epoch checkpoint in {tmp_path / 'checkpoints' / 'smoke'}"
+
+
+# One row of each kind a local file can get wrong, as (raw line, reason); good rows sit between them.
+BAD_LINES = [
+    (b'{"chosen": "' + PROMPT.encode("unicode_escape") + b' ok"', "malformed_json"),  # cut off
+    (b"[1, 2, 3]", "malformed_json"),
+    (json.dumps({"chosen": PROMPT + " Boil it."}).encode(), "missing_field"),
+    (json.dumps({"chosen": PROMPT + " Boil it.", "rejected": 7}).encode(), "non_string_field"),
+    (json.dumps({"chosen": None, "rejected": PROMPT + " No."}).encode(), "non_string_field"),
+    (json.dumps({"chosen": "   ", "rejected": PROMPT + " No."}).encode(), "empty_text"),
+    (json.dumps({"chosen": PROMPT + " Boil it.", "rejected": PROMPT + " Boil it."}).encode(), "identical"),
+    (json.dumps({"chosen": "Human: hi. Bot: hello", "rejected": "Human: hi. Bot: go away"}).encode(), "no_assistant_marker"),
+    (
+        json.dumps({"chosen": PROMPT + " Boil it.", "rejected": "\n\nHuman: Other?\n\nAssistant: No."}).encode(),
+        "prompt_mismatch",
+    ),
+    (json.dumps({"chosen": PROMPT + " Boil it.", "rejected": PROMPT}).encode(), "empty_response"),
+    ('{"chosen": "caf\u00e9", "rejected": "x"}'.encode("latin-1"), "invalid_utf8"),
+]
+
+
+def dirty_file(tmp_path, good: int = 40):
+    """`good` valid rows with every BAD_LINES row after the 2nd, 4th, ... good row; returns (path, {reason: lines})."""
+    rows, expected = [], {}
+    good_rows = iter(synthetic_rows("train", good))
+    for raw, reason in BAD_LINES:
+        rows += [next(good_rows), next(good_rows), raw]
+        expected.setdefault(reason, []).append(len(rows))
+    rows += list(good_rows)
+    return write_jsonl(tmp_path / "dirty.jsonl", rows), expected
+
+
+def test_every_bad_row_is_skipped_and_counted_by_reason_with_its_line(tmp_path):
+    path, expected = dirty_file(tmp_path)
+    report = DataReport()
+    pairs = read_pairs(str(path), "train", DataConfig(source=str(path)), report)
+    assert len(pairs) == 40
+    assert report.rows_read == {str(path): 40 + len(BAD_LINES)}
+    assert report.dropped[str(path)] == {reason: len(lines) for reason, lines in expected.items()}
+    assert report.dropped_examples[str(path)] == expected
+    assert 3 not in [pair.index for pair in pairs] and pairs[0].index == 1  # pairs keep their own line numbers
+
+
+def test_strict_mode_turns_the_first_bad_row_into_an_error_naming_file_and_line(tmp_path):
+    path, _ = dirty_file(tmp_path)
+    with pytest.raises(DataError) as error:
+        read_pairs(str(path), "train", DataConfig(source=str(path), strict=True), DataReport())
+    assert str(error.value) == f"{path}:3: line is not a JSON object (strict mode)"
+
+
+def test_a_dirty_file_trains_and_its_drops_are_printed_and_written_to_the_run(tmp_path, capsys):
+    path, expected = dirty_file(tmp_path)
+    config = write_config(
+        tmp_path,
+        f"  num_epochs: 1\n  reference_cache_dir: {tmp_path / 'cache'}\n"
+        f"data:\n  source: {path}\n  num_pairs: 24\n  num_test_pairs: 4\n  max_length: 64\n",
+    )
+    assert main(["train", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: {40 + len(BAD_LINES)} rows read, {len(BAD_LINES)} dropped" in out
+    assert "dropped     2  malformed_json: line is not a JSON object (first at 3, 6)" in out
+    assert "dropped     1  invalid_utf8: line is not valid UTF-8 (first at 33)" in out
+    report = json.loads((tmp_path / "checkpoints" / "smoke" / "data_report.json").read_text())
+    assert report["dropped"][str(path)] == {reason: len(lines) for reason, lines in expected.items()}
+    assert report["dropped_examples"][str(path)] == expected
+
+    # The same file under --strict (or data.strict: true) stops before anything is trained.
+    for extra in (["--strict"], ["--set", "data.strict=true"]):
+        code, line = call_main(capsys, "train", "--config", str(config), "--set", f"training.output_dir={tmp_path / 's'}", *extra)
+        assert code == 2
+        assert line == f"error: {path}:3: line is not a JSON object (strict mode)"
+    assert not (tmp_path / "s").exists()
+
+
+def test_hub_rows_get_the_same_checks_with_row_numbers(monkeypatch):
+    from datasets import Dataset
+
+    rows = [
+        {"chosen": PROMPT + " Boil it.", "rejected": PROMPT + " No."},
+        {"chosen": PROMPT + " Boil it.", "rejected": None},  # a hub column with a missing value arrives as None
+        {"chosen": PROMPT + " Same.", "rejected": PROMPT + " Same."},
+        {"chosen": "no marker", "rejected": "at all"},
+        {"chosen": PROMPT + " Boil it.", "rejected": PROMPT + " No."},
+    ]
+    calls = []
+
+    def load_dataset(source, data_dir=None, split=None):
+        calls.append((source, data_dir, split))
+        return Dataset.from_list(rows)
+
+    monkeypatch.setattr("datasets.load_dataset", load_dataset)
+    report = DataReport()
+    config = DataConfig(source="Anthropic/hh-rlhf", subset="harmless-base")
+    pairs = read_pairs("Anthropic/hh-rlhf", "train", config, report)
+    assert calls == [("Anthropic/hh-rlhf", "harmless-base", "train")]
+    assert [pair.index for pair in pairs] == [0, 4]
+    assert report.dropped["Anthropic/hh-rlhf:train"] == {"non_string_field": 1, "identical": 1, "no_assistant_marker": 1}
+    with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf:train:1: 'chosen' or 'rejected' is not a string \(strict mode\)$"):
+        read_pairs("Anthropic/hh-rlhf", "train", DataConfig(source="Anthropic/hh-rlhf", strict=True), DataReport())
+
+
+def _gzip_with_garbage(path):
+    data = gzip.compress(b"\n".join(json.dumps(row).encode() for row in synthetic_rows("train", 200)))
+    path.write_bytes(data[:40] + bytes(byte ^ 0xFF for byte in data[40:80]) + data[80:])
+    return path
+
+
+WHOLE_FILE_PROBLEMS = {
+    "missing": (lambda tmp: tmp / "missing.jsonl", "{path}: data file not found"),
+    "empty": (lambda tmp: write_jsonl(tmp / "empty.jsonl", []), "{path}: no rows (the file is empty)"),
+    "blank lines only": (lambda tmp: write_jsonl(tmp / "blank.jsonl", ["", "  "]), "{path}: no rows (the file is empty)"),
+    "csv": (
+        lambda tmp: write_jsonl(tmp / "pairs.jsonl", ["chosen,rejected", "a,b", "c,d"]),
+        "{path}: none of its 3 rows is a usable preference pair (malformed_json); is it hh-rlhf JSONL?",
+    ),
+    "json array": (
+        lambda tmp: write_jsonl(tmp / "pairs.json", json.dumps(synthetic_rows("train", 3), indent=2).splitlines()),
+        "{path}: none of its 14 rows is a usable preference pair (malformed_json); is it hh-rlhf JSONL?",
+    ),
+    "not gzip": (
+        lambda tmp: write_jsonl(tmp / "pairs.jsonl.gz", synthetic_rows("train", 3)),
+        "{path}: cannot be read as gzip JSONL (Not a gzipped file (b'{\"'))",
+    ),
+    "corrupt gzip": (
+        lambda tmp: _gzip_with_garbage(tmp / "corrupt.jsonl.gz"),
+        "{path}: cannot be read as gzip JSONL (Error -3 while decompressing data: ",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", WHOLE_FILE_PROBLEMS)
+def test_an_unusable_file_is_one_clear_error(tmp_path, problem):
+    make, expected = WHOLE_FILE_PROBLEMS[problem]
+    path = make(tmp_path)
+    with pytest.raises(DataError) as error:
+        load_text_splits(DataConfig(source=str(path), num_pairs=4, num_test_pairs=0), 0, DataReport())
+    assert str(error.value).startswith(expected.replace("{path}", str(path)))
+
+
+def test_unknown_hub_dataset_fails_fast_offline_with_one_line(tmp_path):
+    result = run_cli(
+        "train", "--config", str(SMOKE_CONFIG), "--set", "data.source=nonexistent-org/nonexistent-dataset",
+        "--set", f"training.output_dir={tmp_path}", env={"HF_HUB_OFFLINE": "1"}, timeout=120,
+    )
+    assert result.returncode == 2
+    assert single_error_line(result.stderr) == (
+        "error: dataset 'nonexistent-org/nonexistent-dataset' (split 'train') could not be loaded: "
+        "Couldn't reach 'nonexistent-org/nonexistent-dataset' on the Hub (OfflineModeIsEnabled)"
+    )
+
+
+def test_models_load_as_safetensors_and_remote_code_stays_off_unless_asked(monkeypatch, tokenizer):
+    from dpo_recipe import models
+
+    calls = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append(kwargs)
+        raise OSError(f"{name} is not a local folder")
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", from_pretrained)
+    assert ModelConfig().trust_remote_code is False
+    for trust in (False, True):
+        config = ModelConfig(name_or_path="some/model", trust_remote_code=trust)
+        with pytest.raises(models.ConfigError, match=r"^model.name_or_path: cannot load 'some/model' \(some/model is not"):
+            models.build_model(config, tokenizer, seed=0, max_length=64)
+        with pytest.raises(models.ConfigError, match=r"^model.tokenizer: cannot load tokenizer 'some/model'"):
+            models.load_tokenizer(config)
+    model_calls = [c for c in calls if "use_safetensors" in c]
+    assert [c["trust_remote_code"] for c in model_calls] == [False, True]
+    assert all(c["use_safetensors"] is True for c in model_calls)
+    assert [c["trust_remote_code"] for c in calls if "use_safetensors" not in c] == [False, True]

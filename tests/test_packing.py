@@ -1,0 +1,93 @@
+"""The three speed-ups must not change what is computed: length grouping, the reference cache, prompt sharing."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from trl.trainer.utils import add_fused_lm_head
+
+from dpo_recipe.config import DataConfig
+from dpo_recipe.data import DataReport, PreferencePair, split_dialogue, tokenize_pairs
+from dpo_recipe.packing import PairCollator, dataset_pair_logps, pair_logps
+from dpo_recipe.synthetic import hh_length_rows
+from dpo_recipe.trainer import prepare_run
+
+
+def shared_row(prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple[int, ...]:
+    """A pair's tokens as the shared-prompt layout lays them out: [prompt | chosen | prompt[-1], rejected]."""
+    return tuple(prompt + chosen + [prompt[-1]] + rejected)
+
+
+def test_length_grouping_visits_every_pair_once_per_epoch(smoke_config):
+    run = prepare_run(smoke_config())
+    trainer, train = run.trainer, run.trainer.train_dataset
+    expected = Counter(map(shared_row, train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
+    loader = trainer.get_train_dataloader()
+    assert isinstance(loader.base_dataloader.batch_sampler.sampler, LengthGroupedSampler)
+    orders = []
+    for _ in range(2):
+        seen = [
+            tuple(ids[: int(count)].tolist())
+            for batch in loader
+            for ids, count in zip(batch["input_ids"], batch["pair_tokens"])
+        ]
+        assert Counter(seen) == expected  # each pair exactly once: none lost, none repeated
+        orders.append(seen)
+    assert orders[0] != orders[1]  # a fresh order every epoch
+
+
+def test_cached_reference_logps_equal_a_fresh_pass(smoke_config, tmp_path):
+    first = prepare_run(smoke_config())
+    second = prepare_run(smoke_config(f"training.output_dir={tmp_path / 'second'}"))
+    assert first.trainer.reference_cache_hits == {"train": False, "eval": False}
+    assert second.trainer.reference_cache_hits == {"train": True, "eval": True}
+    trainer = first.trainer  # untrained: its policy is the reference
+    train = trainer.train_dataset
+    chosen, rejected = dataset_pair_logps(
+        trainer.model, train, trainer.data_collator, trainer.args.eval_batch_size, trainer.accelerator.device
+    )
+    cached = second.trainer.train_dataset
+    torch.testing.assert_close(torch.tensor(cached["ref_chosen_logps"], dtype=chosen.dtype), chosen)
+    torch.testing.assert_close(torch.tensor(cached["ref_rejected_logps"], dtype=rejected.dtype), rejected)
+
+
+@pytest.fixture
+def uneven_pairs(tokenizer):
+    """Six tokenized pairs whose prompts and responses differ in length, so every batch is padded."""
+    rows = hh_length_rows(60, seed=3)
+    pairs = [PreferencePair(i, *split_dialogue(row["chosen"], row["rejected"])) for i, row in enumerate(rows)]
+    dataset = tokenize_pairs(pairs, tokenizer, DataConfig(max_length=200), "test", DataReport())
+    by_length = sorted(range(len(dataset)), key=lambda i: dataset["length"][i])
+    picked = [by_length[k] for k in (0, 11, 23, 35, 47, 59)]  # shortest to longest
+    examples = [dataset[i] for i in picked]
+    assert len({len(e["prompt_ids"]) for e in examples}) >= 4
+    assert len({len(e["chosen_ids"]) for e in examples} | {len(e["rejected_ids"]) for e in examples}) >= 4
+    return examples
+
+
+def direct_logp(model, prompt: list[int], response: list[int]) -> float:
+    """log p(response | prompt) from a plain forward on the unpadded sequence, via HF's own loss."""
+    labels = torch.tensor([[-100] * len(prompt) + response])
+    output = model(input_ids=torch.tensor([prompt + response]), labels=labels)
+    return -output.loss.item() * len(response)  # the loss is the mean over the response tokens
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_gpt2", "tiny_llama"])
+def test_shared_prompt_logps_equal_separate_and_direct_ones(model_fixture, uneven_pairs, tokenizer, request):
+    model = request.getfixturevalue(model_fixture)
+    add_fused_lm_head(model)
+    with torch.no_grad():
+        shared = pair_logps(model, PairCollator(tokenizer.pad_token_id, share_prompt=True)(uneven_pairs))
+        separate = pair_logps(model, PairCollator(tokenizer.pad_token_id, share_prompt=False)(uneven_pairs))
+        direct = [
+            torch.tensor([direct_logp(model, e["prompt_ids"], e[key]) for e in uneven_pairs], dtype=torch.float64)
+            for key in ("chosen_ids", "rejected_ids")
+        ]
+    for got, want in zip(separate, direct):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+    for got, want in zip(shared, separate):
+        torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-4)
+    assert not torch.allclose(shared[0], shared[1])  # chosen and rejected are scored apart

@@ -1,0 +1,67 @@
+"""The sweep report: overfitting onset, and a smoke-sized sweep (two β values) written with its table and plots."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import pytest
+
+from dpo_recipe.cli import main
+from dpo_recipe.evaluate import evaluate_paths
+from dpo_recipe.report import overfitting_onset, write_sweep_report
+from dpo_recipe.trainer import read_metrics, run_training
+
+
+@pytest.mark.parametrize(
+    ("losses", "onset"),
+    [
+        ([0.6, 0.5, 0.55, 0.4], 2),  # rose after epoch 2 (even though epoch 4 is lower still)
+        ([0.6, 0.7, 0.5], 1),
+        ([0.6, 0.5, 0.5, 0.4], None),  # flat is not rising
+        ([0.6], None),
+    ],
+)
+def test_overfitting_onset_is_the_epoch_after_which_val_loss_first_rose(losses, onset):
+    assert overfitting_onset(list(range(1, len(losses) + 1)), losses) == onset
+
+
+def test_smoke_sweep_writes_a_report_with_table_and_plots(smoke_config, tmp_path, capsys):
+    betas = ("0.1", "0.5")
+    runs = []
+    for beta in betas:
+        config = smoke_config(f"run_name=sweep_beta{beta}", f"loss.beta={beta}", "training.num_epochs=2",
+                              "data.num_pairs=120", "data.num_test_pairs=24")  # fmt: skip
+        assert run_training(config) == 0
+        runs.append(config.run_dir)
+    out = tmp_path / "reports" / "sweep.md"
+
+    # Before evaluation the report still renders, and says what is missing.
+    text = write_sweep_report([tmp_path / "checkpoints"], out).read_text()
+    assert text.count("not evaluated") >= 2 and not (out.parent / "sweep_test.png").exists()
+
+    evaluate_paths(runs)
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    text = out.read_text()
+    results = text.split("## Results")[1].split("## Curves")[0]
+    table = [line for line in results.splitlines() if line.startswith("| sweep_beta")]
+    assert len(table) == len(betas)
+    for beta, run in zip(betas, runs):
+        (row,) = [line for line in table if line.startswith(f"| {run.name} ")]
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        best = json.loads((run / "best.json").read_text())
+        test = json.loads((run / best["checkpoint"] / "eval_test.json").read_text())
+        records = read_metrics(run)
+        onset = overfitting_onset([r["epoch"] for r in records], [r["val"]["loss"] for r in records])
+        assert cells[1] == beta and cells[2] == "0.001" and cells[3] == "2/2"
+        assert cells[4] == f"{best['epoch']} (val loss)"
+        assert cells[5] == f"{best['value']:.4f}"
+        assert cells[9] == f"{test['accuracy']:.3f} [{test['accuracy_ci95'][0]:.3f}, {test['accuracy_ci95'][1]:.3f}]"
+        assert cells[11].startswith(f"{test['reward_margin']:.3f} [")
+        assert cells[12] == (f"after epoch {onset}" if onset is not None else "none")
+    for image in ("sweep_val_loss.png", "sweep_val_margin.png", "sweep_test.png"):
+        assert f"]({image})" in text
+        height, width, _ = matplotlib.image.imread(out.parent / image).shape
+        assert width >= 600 and height >= 400
+    assert "## How to read this report" in text
+    assert "GPT-2 built locally" in text and "synthetic" in text

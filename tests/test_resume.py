@@ -1,0 +1,250 @@
+"""Exact resume, atomic epoch checkpoints, divergence and Ctrl-C, each against a real interruption of a real run.
+
+Every run here trains the smoke config for 2 epochs on 16 pairs (2 optimizer steps of 8 per epoch), compared with
+one uninterrupted run of the same config (`baseline`): final weights and every metrics.jsonl value within 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+from safetensors.torch import load_file
+
+from dpo_recipe.cli import main
+from dpo_recipe.config import load_config
+from dpo_recipe.trainer import epoch_dirs, latest_checkpoint, read_metrics, run_training
+
+from conftest import REPO, SMOKE_CONFIG
+
+TOLERANCE = 1e-5
+SMALL_RUN = [
+    "training.num_epochs=2", "data.num_pairs=20", "data.num_test_pairs=4", "data.max_length=64",
+    "training.effective_batch_size=8", "training.per_device_batch_size=8",
+]
+# Wall-clock throughput differs between any two runs; everything else in a metrics record must match.
+TIMING_KEYS = {"tokens_per_s", "pairs_per_s"}
+
+# A loss module the runs import through `loss.type`: exactly dpo_loss, except that once epoch 1 is committed
+# it tells the test (gate-reached) and holds the run inside the first step of epoch 2 until gate-release appears.
+# That makes "interrupted during epoch 2" deterministic without timing anything.
+GATE_MODULE = '''
+import os
+import time
+from pathlib import Path
+
+from dpo_recipe.loss import dpo_loss
+
+
+def hold_after_epoch_1(*args):
+    run_dir = Path(os.environ["GATE_RUN_DIR"])
+    if (run_dir / "epoch-1").is_dir():
+        (run_dir.parent / "gate-reached").touch()
+        while not (run_dir.parent / "gate-release").exists():
+            time.sleep(0.02)
+    return dpo_loss(*args)
+'''
+# dpo_loss, but nan from the 5th call on: calls 1-2 are epoch 1's steps, 3 is its validation, 4 is step 3, 5 is step 4.
+NAN_MODULE = '''
+from dpo_recipe.loss import dpo_loss
+
+calls = 0
+
+
+def nan_from_call_5(*args):
+    global calls
+    calls += 1
+    losses, chosen_rewards, rejected_rewards = dpo_loss(*args)
+    return (losses * float("nan") if calls >= 5 else losses), chosen_rewards, rejected_rewards
+'''
+
+
+def _overrides(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [f"training.output_dir={output_dir}", f"training.reference_cache_dir={cache_dir}", *SMALL_RUN, *extra]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A reference cache shared by every run of this module, and the module that holds the test losses."""
+    root = tmp_path_factory.mktemp("resume")
+    modules = root / "modules"
+    modules.mkdir()
+    (modules / "gate_loss.py").write_text(GATE_MODULE)
+    (modules / "nan_loss.py").write_text(NAN_MODULE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def baseline(workspace):
+    """One uninterrupted run; it also fills the reference cache that every later run reads."""
+    config = load_config(SMOKE_CONFIG, _overrides(workspace / "baseline", workspace / "ref_cache"))
+    assert run_training(config) == 0
+    return config.run_dir
+
+
+def _config(workspace: Path, name: str, *extra: str):
+    return load_config(SMOKE_CONFIG, _overrides(workspace / name, workspace / "ref_cache", *extra))
+
+
+def _weights(checkpoint: Path) -> dict:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def assert_same_weights(checkpoint: Path, expected: Path) -> None:
+    ours, theirs = _weights(checkpoint), _weights(expected)
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[name] - theirs[name]).abs().max().item() for name in ours)
+    assert worst <= TOLERANCE, f"{checkpoint} differs from {expected} by {worst:g}"
+
+
+def assert_same_metrics(run_dir: Path, expected_dir: Path, epochs: int = 2) -> None:
+    ours, theirs = read_metrics(run_dir), read_metrics(expected_dir)
+    assert [r["epoch"] for r in ours] == [r["epoch"] for r in theirs][:epochs] == list(range(1, epochs + 1))
+    for mine, reference in zip(ours, theirs):
+        assert mine["step"] == reference["step"]
+        for split in ("train", "val"):
+            assert mine[split].keys() == reference[split].keys()
+            for key, value in reference[split].items():
+                if key in TIMING_KEYS:
+                    continue
+                # Log-prob sums run to hundreds of nats, where fp32 evaluation alone moves the last digits: relative there.
+                assert math.isclose(mine[split][key], value, rel_tol=TOLERANCE, abs_tol=TOLERANCE), (
+                    f"epoch {mine['epoch']} {split} {key}: {mine[split][key]!r} != {value!r}"
+                )
+
+
+@pytest.fixture
+def gated_run(workspace):
+    """Start a real `python -m dpo_recipe train` process that holds inside the first step of epoch 2."""
+    started = []
+
+    def start(name: str) -> tuple[subprocess.Popen, Path, Path]:
+        output_dir = workspace / name
+        output_dir.mkdir()
+        overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=gate_loss:hold_after_epoch_1")
+        env = dict(os.environ, PYTHONPATH=str(workspace / "modules"), GATE_RUN_DIR=str(output_dir / "smoke"))
+        with open(output_dir / "stdout.txt", "w") as stdout, open(output_dir / "stderr.txt", "w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "dpo_recipe", "train", "--config", str(SMOKE_CONFIG),
+                 *(arg for override in overrides for arg in ("--set", override))],
+                cwd=REPO, env=env, stdout=stdout, stderr=stderr,
+            )
+        started.append(process)
+        wait_until(process, lambda: (output_dir / "gate-reached").exists(), output_dir)
+        return process, output_dir, output_dir / "smoke"
+
+    yield start
+    for process in started:  # a failed test must not leave a held run behind
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def wait_until(process: subprocess.Popen, condition, output_dir: Path) -> None:
+    while not condition():
+        try:
+            process.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            continue
+        stderr = (output_dir / "stderr.txt").read_text()
+        pytest.fail(f"the run ended (exit {process.returncode}) too early:\n{stderr[-3000:]}")
+
+
+def test_checkpoints_hold_weights_only_as_safetensors(baseline):
+    assert [path.name for path in epoch_dirs(baseline)] == ["epoch-1", "epoch-2"]
+    for checkpoint in epoch_dirs(baseline):
+        names = {path.name for path in checkpoint.iterdir()}
+        assert "model.safetensors" in names
+        # Pickled files hold only optimizer, scheduler and RNG state (loaded by Trainer with weights_only=True).
+        assert {n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))} <= {
+            "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"
+        }
+    assert (baseline / "reference" / "model.safetensors").is_file()
+
+
+def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(workspace, baseline, gated_run):
+    process, output_dir, run_dir = gated_run("killed")
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
+
+    assert run_training(_config(workspace, "killed"), resume=True) == 0
+    assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1", "epoch-2"]
+    assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2")
+    assert_same_metrics(run_dir, baseline)
+
+
+def test_sigint_stops_cleanly_and_the_printed_command_resumes_exactly(workspace, baseline, gated_run, monkeypatch):
+    process, output_dir, run_dir = gated_run("sigint")
+    process.send_signal(signal.SIGINT)
+    # The handler has run once it says so; only then may the held step finish.
+    wait_until(process, lambda: "received SIGINT" in (output_dir / "stderr.txt").read_text(), output_dir)
+    (output_dir / "gate-release").touch()
+    assert process.wait(timeout=300) == 130, (output_dir / "stderr.txt").read_text()[-3000:]
+    stderr = (output_dir / "stderr.txt").read_text()
+    assert "Traceback" not in stderr
+    assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
+    assert not list(run_dir.glob("checkpoint-*"))  # the stopped epoch was not saved at all
+    match = re.search(r"interrupted; last complete checkpoint: (\S+)\. Resume with: .* --config (\S+) --resume", stderr)
+    assert match, stderr[-2000:]
+    assert Path(match.group(1)) == run_dir / "epoch-1"
+
+    # The printed command: the run's own resolved config.yaml (its loss passes through once gate-release exists).
+    monkeypatch.syspath_prepend(str(workspace / "modules"))
+    monkeypatch.setenv("GATE_RUN_DIR", str(run_dir))
+    assert run_training(load_config(match.group(2)), resume=True) == 0
+    assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2")
+    assert_same_metrics(run_dir, baseline)
+
+
+def test_a_save_that_fails_midway_is_never_loaded_and_is_cleaned_on_resume(workspace, baseline, monkeypatch):
+    epoch_2_step = read_metrics(baseline)[1]["step"]
+    save_rng_state = transformers.Trainer._save_rng_state
+
+    def disk_full_at_epoch_2(self, output_dir):  # model, optimizer and scheduler are already written by now
+        if self.state.global_step == epoch_2_step:
+            raise OSError(28, "No space left on device")
+        return save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", disk_full_at_epoch_2)
+    config = _config(workspace, "failed_save")
+    with pytest.raises(OSError, match="No space left"):
+        run_training(config)
+    run_dir = config.run_dir
+    partial = run_dir / f"checkpoint-{epoch_2_step}"
+    assert (partial / "model.safetensors").is_file() and not (partial / "rng_state.pth").exists()
+    assert latest_checkpoint(run_dir) == run_dir / "epoch-1"
+    assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
+    assert os.readlink(run_dir / "best") == "epoch-1"
+
+    monkeypatch.undo()
+    assert run_training(config, resume=True) == 0
+    assert not list(run_dir.glob("checkpoint-*"))
+    assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2")
+    assert_same_metrics(run_dir, baseline)
+
+
+def test_nan_loss_stops_with_exit_3_naming_the_step_and_keeps_epoch_1(workspace, baseline, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(workspace / "modules"))
+    output_dir = workspace / "diverged"
+    overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=nan_loss:nan_from_call_5")
+    code = main(["train", "--config", str(SMOKE_CONFIG), *(a for o in overrides for a in ("--set", o))])
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert error_lines[-1] == (
+        "error: training diverged: loss became nan at optimizer step 4 (epoch 1.50); the last good checkpoint is intact"
+    )
+    run_dir = output_dir / "smoke"
+    assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
+    assert not list(run_dir.glob("checkpoint-*"))
+    assert_same_weights(run_dir / "epoch-1", baseline / "epoch-1")
+    assert_same_metrics(run_dir, baseline, epochs=1)
