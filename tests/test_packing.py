@@ -11,7 +11,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from dpo_recipe.config import DataConfig
 from dpo_recipe.data import DataReport, PreferencePair, split_dialogue, tokenize_pairs
-from dpo_recipe.packing import PairCollator, dataset_pair_logps, pair_logps
+from dpo_recipe.packing import PairCollator, dataset_pair_logps, make_collator, pair_logps
 from dpo_recipe.synthetic import hh_length_rows
 from dpo_recipe.trainer import prepare_run
 
@@ -91,3 +91,15 @@ def test_shared_prompt_logps_equal_separate_and_direct_ones(model_fixture, uneve
     for got, want in zip(shared, separate):
         torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-4)
     assert not torch.allclose(shared[0], shared[1])  # chosen and rejected are scored apart
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_rounding_the_batch_width_changes_no_log_prob(tiny_gpt2, uneven_pairs, tokenizer, share_prompt):
+    add_fused_lm_head(tiny_gpt2)
+    exact = PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt)(uneven_pairs)
+    rounded = make_collator(tokenizer.pad_token_id, share_prompt, pad_to_multiple_of=64)(uneven_pairs)
+    assert rounded["input_ids"].shape[1] % 64 == 0 and rounded["input_ids"].shape[1] > exact["input_ids"].shape[1]
+    assert torch.equal(rounded["pair_tokens"], exact["pair_tokens"])  # padding is not counted as work
+    with torch.no_grad():
+        for got, want in zip(pair_logps(tiny_gpt2, rounded), pair_logps(tiny_gpt2, exact)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
