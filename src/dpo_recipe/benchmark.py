@@ -219,6 +219,8 @@ def _recipe_trainer(job: Job, settings: BenchSettings, model, tokenizer, train, 
 def _trl_trainer(job: Job, settings: BenchSettings, model, reference, tokenizer, train, precision: str, work: str):
     from trl import DPOConfig, DPOTrainer
 
+    from .trainer import CHECKPOINTING_ARGUMENT
+
     class PretokenizedDPOTrainer(DPOTrainer):
         """Plain TRL, given pairs that are already tokenized: only dataset preparation is skipped."""
 
@@ -236,7 +238,7 @@ def _trl_trainer(job: Job, settings: BenchSettings, model, reference, tokenizer,
         data_seed=settings.seed,
         beta=settings.beta,
         bf16=precision == "bf16",
-        gradient_checkpointing=False,
+        **{CHECKPOINTING_ARGUMENT: False},
         precompute_ref_log_probs=job.trainer == "trl_precompute",
         logging_steps=job.logging_steps,
         eval_strategy="no",
