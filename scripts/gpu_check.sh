@@ -2,6 +2,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # GPU check, run once on an H100/H200 from the repository root: GPT-2 124M (random init), bf16, one epoch of 3000
 # pairs at the study's settings (max_length 256, batch 16), this recipe's trainer against plain trl.DPOTrainer.
 # The machine lacks trl/datasets/dill/multiprocess, so their wheels travel in .whl/ (installed above, no index).
+# Prepare them (and the data) on the machine you launch from, once:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#     trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#   mkdir -p .devdata && cp ../shared/data/hh-rlhf-harmless-base-1812.jsonl.gz .devdata/   # both are git-ignored
 # The data travels as .devdata/hh-rlhf-harmless-base-1812.jsonl.gz; 3000 pairs are drawn from its 1811 usable ones
 # in passes over seeded shuffles (every pair once, then 1189 of them a second time).
 # Shrink it for a CPU rehearsal: GPU_CHECK_SIZE=tiny GPU_CHECK_PAIRS=48 GPU_CHECK_EVAL_PAIRS=32 GPU_CHECK_STEPS=2.
