@@ -184,8 +184,8 @@ def dataset_pair_logps(
         batch = {key: value.to(device) for key, value in batch.items()}
         with autocast():
             chosen, rejected = pair_logps(model, batch)
-        chosen_parts.append(chosen.double().cpu())
-        rejected_parts.append(rejected.double().cpu())
+        chosen_parts.append(chosen.cpu())  # already float64 (see `pair_logps`)
+        rejected_parts.append(rejected.cpu())
     model.train(was_training)
     chosen_sorted, rejected_sorted = torch.cat(chosen_parts), torch.cat(rejected_parts)
     chosen_out, rejected_out = torch.empty_like(chosen_sorted), torch.empty_like(rejected_sorted)
