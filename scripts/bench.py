@@ -19,10 +19,18 @@ def main() -> int:
     parser.add_argument("--train-pairs", type=int, default=defaults.train_pairs)
     parser.add_argument("--eval-pairs", type=int, default=defaults.eval_pairs)
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument(
+        "--eval-batch-size", type=int, default=defaults.eval_batch_size,
+        help="pairs per batch for evaluation and the reference passes, for every trainer",
+    )
     parser.add_argument("--tokenizer-vocab-size", type=int, default=defaults.tokenizer_vocab_size)
     parser.add_argument(
         "--baselines", nargs="*", choices=TRAINERS[1:], default=list(defaults.baselines),
         help="plain-TRL baselines to run (default: both)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=defaults.repeats,
+        help="runs per trainer, interleaved; the fastest is reported (default: %(default)s)",
     )
     parser.add_argument("--agreement-steps", type=int, default=defaults.agreement_steps, help="0 skips the check")
     parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s, to report MFU")
@@ -34,9 +42,11 @@ def main() -> int:
         train_pairs=args.train_pairs,
         eval_pairs=args.eval_pairs,
         epochs=args.epochs,
+        eval_batch_size=args.eval_batch_size,
         tokenizer_vocab_size=args.tokenizer_vocab_size,
         baselines=tuple(args.baselines),
         agreement_steps=args.agreement_steps,
+        repeats=args.repeats,
         peak_flops=args.peak_flops,
         output=args.output,
         command=shlex.join(["python", "scripts/bench.py", *sys.argv[1:]]),

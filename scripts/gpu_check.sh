@@ -31,7 +31,7 @@ if [ -f "$DATA" ]; then data_args=(--data "$DATA"); else
   echo "WARNING: $DATA not found: synthetic pairs with hh-rlhf-like lengths instead" >&2; data_args=(--synthetic); fi
 
 python3 scripts/bench.py --size "$SIZE" "${data_args[@]}" --train-pairs "$PAIRS" --eval-pairs "$EVAL_PAIRS" \
-  --epochs 1 --agreement-steps "$AGREEMENT_STEPS" --peak-flops "$PEAK_FLOPS" --output "$RESULTS"
+  --epochs 1 --repeats 1 --agreement-steps "$AGREEMENT_STEPS" --peak-flops "$PEAK_FLOPS" --output "$RESULTS"
 status=$?
 echo "MFU = (6*N*training tokens + 2*N*reference-forward tokens) / time / $PEAK_FLOPS; N = parameters, tokens ="
 echo "non-pad positions each trainer's passes process (ours: prompt once per pair; trl: reference every step)"

@@ -103,3 +103,27 @@ def test_rounding_the_batch_width_changes_no_log_prob(tiny_gpt2, uneven_pairs, t
     with torch.no_grad():
         for got, want in zip(pair_logps(tiny_gpt2, rounded), pair_logps(tiny_gpt2, exact)):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_the_lm_head_projects_only_the_scored_positions(tiny_gpt2, uneven_pairs, tokenizer, monkeypatch):
+    import trl.trainer.utils as trl_utils
+
+    projected_rows = []
+    real_head = trl_utils._ChunkedLogProbFunction
+
+    class CountingHead:
+        @staticmethod
+        def apply(hidden, *args):
+            projected_rows.append(hidden.shape[0])
+            return real_head.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingHead)
+    add_fused_lm_head(tiny_gpt2)
+    batch = PairCollator(tokenizer.pad_token_id, share_prompt=True)(uneven_pairs)
+    with torch.no_grad():
+        pair_logps(tiny_gpt2, batch)
+        plain = tiny_gpt2(input_ids=batch["input_ids"][:, :10])
+    response_tokens = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in uneven_pairs)
+    assert projected_rows == [response_tokens]  # not every position of the padded batch
+    assert batch["input_ids"].numel() > response_tokens + 600  # prompts and padding are skipped
+    assert plain.logits.shape[:2] == (len(uneven_pairs), 10)  # other forwards are left whole

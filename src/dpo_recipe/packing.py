@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel, is_peft_model
 from torch.utils.data import DataLoader
 
 IGNORE_INDEX = -100
@@ -132,27 +133,57 @@ def make_collator(pad_token_id: int, share_prompt: bool, pad_to_multiple_of: int
     return PairCollator(pad_token_id, share_prompt=share_prompt, pad_to_multiple_of=pad_to_multiple_of)
 
 
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer under the LM head, through DDP, DeepSpeed, FSDP, torch.compile and PEFT wrappers."""
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model.base_model
+
+
+def _keep_scored_positions(backbone: torch.nn.Module, inputs, output):
+    # Set by `pair_logps` around its forward; None for every other call (generation, plain forwards).
+    if backbone.scored_positions is not None:
+        output.last_hidden_state = output.last_hidden_state[backbone.scored_positions].unsqueeze(0)
+    return output
+
+
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each pair's chosen and rejected response, each of shape (pairs,).
 
-    The model must carry TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`), which projects only the
-    scored positions through the vocabulary.
+    The model must carry TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`). That head projects only the
+    scored positions through the vocabulary on CUDA, but every position (prompt and padding too) elsewhere. So a
+    forward hook on the backbone hands the head the scored positions alone, as one row, on every device: on CPU this
+    halves the vocabulary projection of an hh-rlhf batch. The hook stays installed (adding and removing
+    it per call would recompile a `torch.compile`d model every step) and acts only inside this function.
     """
-    outputs = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        shift_labels=batch["shift_labels"],
-        fused_lm_head=True,
-        use_cache=False,
-    )
+    backbone = _backbone(model)
+    if not hasattr(backbone, "scored_positions"):
+        backbone.scored_positions = None
+        backbone.register_forward_hook(_keep_scored_positions)
+    scored = batch["shift_labels"] != IGNORE_INDEX
+    backbone.scored_positions = scored
+    try:
+        outputs = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            shift_labels=batch["shift_labels"][scored].unsqueeze(0),
+            fused_lm_head=True,
+            use_cache=False,
+        )
+    finally:
+        backbone.scored_positions = None
     # Summed in float64: a response of a few hundred tokens loses ~1e-5 to fp32 rounding otherwise.
-    token_logps = outputs.log_probs.double()
+    token_logps = outputs.log_probs.squeeze(0).double()
     # Rows are [pairs] in the shared layout and [chosen pairs; rejected pairs] in the separate one.
     pairs = len(batch["pair_tokens"])
-    chosen = (token_logps * batch["chosen_mask"]).sum(dim=-1)
-    rejected = (token_logps * batch["rejected_mask"]).sum(dim=-1)
-    return chosen.view(-1, pairs).sum(dim=0), rejected.view(-1, pairs).sum(dim=0)
+    pair_of_token = scored.nonzero(as_tuple=True)[0] % pairs
+    sums = []
+    for response_mask in (batch["chosen_mask"][scored], batch["rejected_mask"][scored]):
+        total = token_logps.new_zeros(pairs)
+        sums.append(total.index_add(0, pair_of_token[response_mask], token_logps[response_mask]))
+    return sums[0], sums[1]
 
 
 @torch.no_grad()
