@@ -9,8 +9,8 @@ Two layouts, one code path:
 - separate: two rows per pair, [prompt, chosen] and [prompt, rejected], as plain TRL does. It needs no 4D mask, for
   attention kernels that take none.
 
-Either way the batch carries `shift_labels` (the token each position predicts, -100 elsewhere) and per-position
-chosen/rejected masks, so TRL's fused LM head scores only what is needed and the sums are the same function.
+Either way the batch lists the scored positions (each response token's predecessor), the token each predicts, its
+pair and its side, so TRL's fused LM head scores only those and the sums are the same function in both layouts.
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ class PairCollator:
         batch = {
             "input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
             "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-            "shift_labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-            "chosen_mask": torch.zeros((len(rows), width), dtype=torch.bool),
-            "rejected_mask": torch.zeros((len(rows), width), dtype=torch.bool),
         }
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        chosen = torch.zeros((len(rows), width), dtype=torch.bool)
         if self.share_prompt:
             # Padding positions attend to themselves only, so no softmax row is empty (an empty row gives NaN).
             batch["attention_mask"] = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
@@ -55,14 +54,22 @@ class PairCollator:
             batch["attention_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
-            for key in ("input_ids", "position_ids", "shift_labels", "chosen_mask", "rejected_mask"):
-                batch[key][i, :n] = torch.as_tensor(row[key])
+            batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
+            batch["position_ids"][i, :n] = torch.as_tensor(row["position_ids"])
+            labels[i, :n] = torch.as_tensor(row["shift_labels"])
+            chosen[i, :n] = torch.as_tensor(row["chosen_mask"])
             if self.share_prompt:
                 batch["attention_mask"][i, :n, :n] = row["attention_mask"]
             else:
                 batch["attention_mask"][i, :n] = 1
         if self.share_prompt:
             batch["attention_mask"] = batch["attention_mask"].unsqueeze(1)  # (rows, 1, query, key)
+        # The scored positions, found here on the host: on a GPU, finding them there would stall every step.
+        scored = (labels != IGNORE_INDEX).flatten().nonzero(as_tuple=True)[0]
+        batch["scored_positions"] = scored  # flat indices into (rows, width)
+        batch["scored_labels"] = labels.flatten()[scored]  # the token each scored position predicts
+        batch["scored_pairs"] = scored // width % len(examples)  # rows are [pairs] or [chosen pairs; rejected pairs]
+        batch["scored_chosen"] = chosen.flatten()[scored]  # chosen response, else rejected
         # Non-padding tokens per pair: what throughput counts, and the number of pairs in either layout.
         batch["pair_tokens"] = torch.tensor([len(row["input_ids"]) for row in rows]).view(-1, len(examples)).sum(0)
         if "ref_chosen_logps" in examples[0]:
@@ -96,7 +103,6 @@ class PairCollator:
                     + self._branch_labels(chosen_branch)
                     + self._branch_labels(rejected_branch),
                     "chosen_mask": [False] * s + [True] * (c - 1) + [False] * (r + 1),
-                    "rejected_mask": [False] * (s + c) + [True] * (r - 1) + [False],
                     "attention_mask": causal & visible,
                 }
             )
@@ -104,20 +110,17 @@ class PairCollator:
 
     def _separate_rows(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows = []
-        for response_key, mask_key in (("chosen_ids", "chosen_mask"), ("rejected_ids", "rejected_mask")):
+        for response_key in ("chosen_ids", "rejected_ids"):
             for example in examples:
                 prompt, response = example["prompt_ids"], example[response_key]
                 ids = prompt + response
                 labels = [IGNORE_INDEX] * (len(prompt) - 1) + list(response) + [IGNORE_INDEX]
-                scored = [label != IGNORE_INDEX for label in labels]
-                other = "rejected_mask" if mask_key == "chosen_mask" else "chosen_mask"
                 rows.append(
                     {
                         "input_ids": ids,
                         "position_ids": list(range(len(ids))),
                         "shift_labels": labels,
-                        mask_key: scored,
-                        other: [False] * len(ids),
+                        "chosen_mask": [response_key == "chosen_ids" and label != IGNORE_INDEX for label in labels],
                     }
                 )
         return rows
@@ -144,7 +147,8 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
 def _keep_scored_positions(backbone: torch.nn.Module, inputs, output):
     # Set by `pair_logps` around its forward; None for every other call (generation, plain forwards).
     if backbone.scored_positions is not None:
-        output.last_hidden_state = output.last_hidden_state[backbone.scored_positions].unsqueeze(0)
+        hidden = output.last_hidden_state
+        output.last_hidden_state = hidden.flatten(0, 1).index_select(0, backbone.scored_positions).unsqueeze(0)
     return output
 
 
@@ -154,21 +158,20 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     The model must carry TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`). That head projects only the
     scored positions through the vocabulary on CUDA, but every position (prompt and padding too) elsewhere. So a
     forward hook on the backbone hands the head the scored positions alone, as one row, on every device: on CPU this
-    halves the vocabulary projection of an hh-rlhf batch. The hook stays installed (adding and removing
-    it per call would recompile a `torch.compile`d model every step) and acts only inside this function.
+    halves the vocabulary projection of an hh-rlhf batch. The hook stays installed (adding and removing it per call
+    would recompile a `torch.compile`d model every step) and acts only inside this function.
     """
     backbone = _backbone(model)
     if not hasattr(backbone, "scored_positions"):
         backbone.scored_positions = None
         backbone.register_forward_hook(_keep_scored_positions)
-    scored = batch["shift_labels"] != IGNORE_INDEX
-    backbone.scored_positions = scored
+    backbone.scored_positions = batch["scored_positions"]
     try:
         outputs = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=batch["position_ids"],
-            shift_labels=batch["shift_labels"][scored].unsqueeze(0),
+            shift_labels=batch["scored_labels"].unsqueeze(0),
             fused_lm_head=True,
             use_cache=False,
         )
@@ -176,14 +179,12 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
         backbone.scored_positions = None
     # Summed in float64: a response of a few hundred tokens loses ~1e-5 to fp32 rounding otherwise.
     token_logps = outputs.log_probs.squeeze(0).double()
-    # Rows are [pairs] in the shared layout and [chosen pairs; rejected pairs] in the separate one.
-    pairs = len(batch["pair_tokens"])
-    pair_of_token = scored.nonzero(as_tuple=True)[0] % pairs
-    sums = []
-    for response_mask in (batch["chosen_mask"][scored], batch["rejected_mask"][scored]):
-        total = token_logps.new_zeros(pairs)
-        sums.append(total.index_add(0, pair_of_token[response_mask], token_logps[response_mask]))
-    return sums[0], sums[1]
+    pairs, chosen = len(batch["pair_tokens"]), batch["scored_chosen"]
+    per_pair = token_logps.new_zeros(pairs)
+    return (
+        per_pair.index_add(0, batch["scored_pairs"], token_logps * chosen),
+        per_pair.index_add(0, batch["scored_pairs"], token_logps * ~chosen),
+    )
 
 
 @torch.no_grad()
