@@ -1,7 +1,7 @@
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
+#!/usr/bin/env bash
 # GPU check, run once on an H100/H200 from the repository root: GPT-2 124M (random init), bf16, one epoch of 3000
 # pairs at the study's settings (max_length 256, batch 16), this recipe's trainer against plain trl.DPOTrainer.
-# The machine lacks trl/datasets/dill/multiprocess, so their wheels travel in .whl/ (installed above, no index).
+# The device lacks trl/datasets/dill/multiprocess, so their wheels travel in .whl/ (installed below, no index).
 # Prepare them (and the data) on the machine you launch from, once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
@@ -11,6 +11,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # in passes over seeded shuffles (every pair once, then 1189 of them a second time).
 # Shrink it for a CPU rehearsal: GPU_CHECK_SIZE=tiny GPU_CHECK_PAIRS=48 GPU_CHECK_EVAL_PAIRS=32 GPU_CHECK_STEPS=2.
 set -uo pipefail
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -c "import trl, datasets" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 started=$(date +%s)
 DATA=${GPU_CHECK_DATA:-.devdata/hh-rlhf-harmless-base-1812.jsonl.gz}
 SIZE=${GPU_CHECK_SIZE:-124m}

@@ -65,7 +65,7 @@ class BenchSettings:
     baselines: tuple[str, ...] = ("trl", "trl_precompute")
     agreement_steps: int = 5
     # Each trainer runs this many times, interleaved, and its fastest run is reported: on a shared machine other
-    # work only ever slows a run down (here single runs of the same trainer varied by up to 20%).
+    # work only ever slows a run down (here two runs of the same trainer took 71.0 s and 88.6 s).
     repeats: int = 2
     peak_flops: float | None = None  # the device's peak FLOP/s in the run's precision, for MFU
     output: str | None = "benchmarks/results.md"
