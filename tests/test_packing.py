@@ -127,3 +127,13 @@ def test_the_lm_head_projects_only_the_scored_positions(tiny_gpt2, uneven_pairs,
     assert projected_rows == [response_tokens]  # not every position of the padded batch
     assert batch["input_ids"].numel() > response_tokens + 600  # prompts and padding are skipped
     assert plain.logits.shape[:2] == (len(uneven_pairs), 10)  # other forwards are left whole
+
+
+def test_log_probs_of_a_compiled_model_equal_eager_ones(tiny_gpt2, uneven_pairs, tokenizer):
+    add_fused_lm_head(tiny_gpt2)
+    batch = PairCollator(tokenizer.pad_token_id, share_prompt=True)(uneven_pairs)
+    compiled = torch.compile(tiny_gpt2, backend="aot_eager")  # dynamo traces the scored-positions hook too
+    with torch.no_grad():
+        eager = pair_logps(tiny_gpt2, batch)
+        for got, want in zip(pair_logps(compiled, batch), eager):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
