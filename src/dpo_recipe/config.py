@@ -139,6 +139,10 @@ CHOICES = {
 }
 
 
+# Attention implementations that read the shared-prompt layout's 4D mask (see `packing.SHARED_PROMPT_MASKS`).
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
+
+
 def redact_secrets(text: str) -> str:
     for name in SECRET_ENV_VARS:
         value = os.environ.get(name)
@@ -272,6 +276,11 @@ def _validate(config: RecipeConfig) -> None:
         value = _get(config, key.split("."))
         if value not in allowed:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(allowed)} (got {value!r})")
+    if config.training.prompt_sharing and config.model.attn_implementation not in SHARED_PROMPT_ATTENTION:
+        raise ConfigError(
+            f"{source}: model.attn_implementation {config.model.attn_implementation!r} cannot read the shared-prompt "
+            f"mask: use one of {', '.join(SHARED_PROMPT_ATTENTION)}, or set training.prompt_sharing: false"
+        )
     if config.model.lora is not None and config.model.lora.r < 1:
         raise ConfigError(f"{source}: model.lora.r must be >= 1 (got {config.model.lora.r})")
     if not config.run_name or "/" in config.run_name:

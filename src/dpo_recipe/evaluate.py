@@ -270,9 +270,12 @@ class RunScorer:
         return model
 
     def cached_reference_logps(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
-        """Reference log-probs through the trainer's cache: keyed by weights, token ids and precision."""
+        """Reference log-probs through the trainer's cache (see `reference.cache_path` for its key)."""
         reference = self.reference_model()
-        path = cache_path(self.config.training.reference_cache_dir, model_fingerprint(reference), dataset, self.precision)
+        path = cache_path(
+            self.config.training.reference_cache_dir, model_fingerprint(reference), dataset, self.precision,
+            self.collator.layout,
+        )
         chosen, rejected, hit = cached_reference_logps(path, lambda: self.logps(reference, dataset))
         return chosen, rejected, path, hit
 

@@ -106,7 +106,8 @@ class RecipeDPOTrainer(DPOTrainer):
         self.reference_cache_dir = reference_cache_dir
         self.reference_cache_hits: dict[str, bool] = {}
         self.totals = totals or RunningTotals()
-        self._reference_key: str | None = None
+        # Hashed before TRL wraps or shards the model: sharded (DTensor) parameters cannot be read back whole.
+        self._reference_key = model_fingerprint(kwargs["model"] if "model" in kwargs else args[0])
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -123,10 +124,8 @@ class RecipeDPOTrainer(DPOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         model = self.ref_model or self.model
-        if self._reference_key is None:
-            self._reference_key = model_fingerprint(model)
         precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
-        path = cache_path(self.reference_cache_dir, self._reference_key, dataset, precision)
+        path = cache_path(self.reference_cache_dir, self._reference_key, dataset, precision, self.data_collator.layout)
 
         def compute():
             with self._reference_context():
