@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from accelerate.utils import is_peft_model
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 from dpo_recipe.cli import main
+from dpo_recipe.data import DataReport, load_text_splits
+from dpo_recipe.evaluate import RunScorer
 
 from dpo_recipe.trainer import epoch_dirs, prepare_run, read_metrics, run_training
 
@@ -44,6 +47,8 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     indices = json.loads((run_dir / "data_indices.json").read_text())
     assert (len(indices["train"]), len(indices["val"]), len(indices["test"])) == (192, 48, 48)
+    for record in records:  # 48 validation pairs in batches of 32: a short last batch must not weigh as a full one
+        assert_logged_eval_metrics_equal_the_record(run_dir / f"epoch-{record['epoch']}", record)
     best = json.loads((run_dir / "best.json").read_text())
     val_losses = {r["epoch"]: r["val"]["loss"] for r in records}
     assert best["epoch"] == min(val_losses, key=val_losses.get)
@@ -92,6 +97,41 @@ def test_two_process_launch_keeps_the_effective_batch(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batch: 2 process(es) x micro-batch 8 x accumulation 1 = effective batch 16" in result.stdout
-    records = read_metrics(out / "smoke")
+    run_dir = out / "smoke"
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [12, 24]  # ceil(192 / 16) optimizer steps per epoch
     assert [r["train"]["pairs"] for r in records] == [192, 192]  # every pair once per epoch, across both ranks
+    # 48 validation pairs in batches of 32 per process: accelerate pads the last round with 16 repeated pairs, and
+    # each real pair must still count once, with the metrics one process computes for the same weights.
+    for record in records:
+        assert record["val"]["pairs"] == 48
+        expected = single_process_validation(run_dir, run_dir / f"epoch-{record['epoch']}")
+        for key, value in expected.items():
+            assert record["val"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert_logged_eval_metrics_equal_the_record(run_dir / f"epoch-{record['epoch']}", record)
+
+
+def single_process_validation(run_dir, checkpoint) -> dict[str, float]:
+    """A run's validation metrics for one checkpoint, recomputed here in one process from its config and data."""
+    scorer = RunScorer(run_dir, checkpoint)
+    splits = load_text_splits(scorer.config.data, scorer.config.training.seed, DataReport())
+    val = scorer.tokenize(splits.val, "val", DataReport())
+    policy = scorer.logps(scorer.policy_model(checkpoint), val)
+    reference = scorer.logps(scorer.reference_model(), val)
+    losses, chosen, rejected = scorer.loss(*policy, *reference, val)
+    return {
+        "loss": losses.mean().item(), "accuracy": (chosen > rejected).double().mean().item(),
+        "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
+    }
+
+
+def assert_logged_eval_metrics_equal_the_record(checkpoint, record) -> None:
+    """What the trackers got (trainer_state.json's log history, as sent to wandb) equals metrics.jsonl exactly."""
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "eval_loss" in entry][-1]
+    val = record["val"]
+    assert logged["eval_loss"] == pytest.approx(val["loss"], rel=1e-12)
+    assert logged["eval_rewards/accuracies"] == pytest.approx(val["accuracy"], rel=1e-12)
+    assert logged["eval_rewards/margins"] == pytest.approx(val["margin"], rel=1e-12)
+    assert logged["eval_rewards/chosen"] == pytest.approx(val["chosen_reward"], rel=1e-12)
+    assert logged["eval_logps/rejected"] == pytest.approx(val["logps_rejected"], rel=1e-12)

@@ -1,14 +1,17 @@
 """Preference losses as pure functions of sequence log-probabilities.
 
 Every loss takes the summed log-probabilities of the chosen (y_w) and rejected (y_l) responses under the policy and
-the reference, and returns `(losses, chosen_rewards, rejected_rewards)`, each of shape (batch,). The implicit reward
-of a response is beta * (log pi_theta(y|x) - log pi_ref(y|x)) (DPO paper, section 5).
+the reference, beta, and (keyword) each response's token count, and returns `(losses, chosen_rewards,
+rejected_rewards)`, each of shape (batch,). The implicit reward of a response is beta * (log pi_theta(y|x) -
+log pi_ref(y|x)) (DPO paper, section 5). Each built-in loss is TRL 1.16's definition of the same name, and is tested
+against TRL's own code on a real batch.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -37,6 +40,7 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float,
     label_smoothing: float = 0.0,
+    **token_counts: torch.Tensor,
 ) -> LossOutput:
     """L = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]).
 
@@ -57,23 +61,49 @@ def ipo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
+    *,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
 ) -> LossOutput:
-    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2*beta))^2 with h the difference of the two log-ratios."""
+    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2*beta))^2, h the difference of the per-token log-ratios.
+
+    Each log-ratio is divided by its response's token count, as TRL does: summed log-ratios make the squared loss
+    grow with response length, and TRL's authors confirmed the per-token form with the IPO authors. So beta means the
+    same here as in TRL. The rewards stay the summed ones.
+    """
     chosen_rewards, rejected_rewards = _rewards(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
     )
-    log_ratio_gap = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    losses = (log_ratio_gap - 1 / (2 * beta)) ** 2
+    chosen_per_token = (policy_chosen_logps - ref_chosen_logps) / chosen_tokens.clamp(min=1)
+    rejected_per_token = (policy_rejected_logps - ref_rejected_logps) / rejected_tokens.clamp(min=1)
+    losses = (chosen_per_token - rejected_per_token - 1 / (2 * beta)) ** 2
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
 BUILTIN_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "cdpo": dpo_loss}
 
 
-def resolve_loss(loss_type: str, label_smoothing: float = 0.0) -> LossFn:
-    """Map a config's `loss.type` to a callable with `dpo_loss`'s signature.
+def _passing_token_counts(function: Callable) -> LossFn:
+    """`function` as a loss that accepts the token counts, dropping them if it declares neither them nor **kwargs."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: assume the plain 5 arguments
+        parameters = []
+    if any(p.kind is p.VAR_KEYWORD or p.name == "chosen_tokens" for p in parameters):
+        return function
 
-    Anything that is not a built-in name is read as `package.module:function` (or `package.module.function`).
+    @functools.wraps(function)
+    def without_token_counts(*args, chosen_tokens=None, rejected_tokens=None):
+        return function(*args)
+
+    return without_token_counts
+
+
+def resolve_loss(loss_type: str, label_smoothing: float = 0.0) -> LossFn:
+    """Map a config's `loss.type` to a callable with `dpo_loss`'s signature (token counts as keywords).
+
+    Anything that is not a built-in name is read as `package.module:function` (or `package.module.function`); such a
+    function may leave out the token-count keywords.
     """
     if loss_type == "cdpo":
         return functools.partial(dpo_loss, label_smoothing=label_smoothing)
@@ -92,4 +122,4 @@ def resolve_loss(loss_type: str, label_smoothing: float = 0.0) -> LossFn:
         raise ValueError(f"loss.type {loss_type!r} could not be imported: {error}") from None
     if not callable(function):
         raise ValueError(f"loss.type {loss_type!r} is not callable")
-    return function
+    return _passing_token_counts(function)

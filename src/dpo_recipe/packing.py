@@ -82,6 +82,8 @@ class PairCollator:
         batch["scored_chosen"] = chosen.flatten()[scored]  # chosen response, else rejected
         # Non-padding tokens per pair: what throughput counts, and the number of pairs in either layout.
         batch["pair_tokens"] = torch.tensor([len(row["input_ids"]) for row in rows]).view(-1, len(examples)).sum(0)
+        # Scored tokens per response, for losses that normalise by length (IPO).
+        batch["chosen_tokens"], batch["rejected_tokens"] = response_token_counts(examples)
         if "ref_chosen_logps" in examples[0]:
             # float64, like the sums they are compared with (see `pair_logps`)
             batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float64)
@@ -134,6 +136,12 @@ class PairCollator:
                     }
                 )
         return rows
+
+
+def response_token_counts(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's chosen and rejected token counts (every response token is scored), from examples or a dataset."""
+    columns = pairs if hasattr(pairs, "column_names") else {k: [e[k] for e in pairs] for k in ("chosen_ids", "rejected_ids")}
+    return tuple(torch.tensor([len(ids) for ids in columns[key]]) for key in ("chosen_ids", "rejected_ids"))
 
 
 GPU_PAD_MULTIPLE = 64

@@ -45,26 +45,37 @@ class DivergenceError(RuntimeError):
     """The loss became nan or inf; raised before the optimizer step, so the last checkpoint is intact."""
 
 
-# Per-pair sums gathered each step; keeping sums (not per-batch means) makes epoch metrics exact.
+# Per-pair values gathered each step and summed; keeping sums (not per-batch means) makes every logged mean exact.
 STAT_NAMES = ("loss", "chosen_reward", "rejected_reward", "wins", "ties", "pairs", "tokens", "logps_chosen", "logps_rejected")
+# What each stat is logged as (TRL's names), besides the loss.
+LOGGED_MEANS = {
+    "rewards/chosen": "chosen_reward",
+    "rewards/rejected": "rejected_reward",
+    "rewards/margins": "margin",
+    "rewards/accuracies": "accuracy",
+    "logps/chosen": "logps_chosen",
+    "logps/rejected": "logps_rejected",
+}
 
 
 @dataclass
 class RunningTotals:
-    sums: dict[str, dict[str, float]] = field(default_factory=lambda: {"train": {}, "eval": {}})
+    """Sums per window: `train` (the epoch so far), `eval` (the current evaluation), `log` (since the last log line)."""
 
-    def reset(self, mode: str) -> None:
-        self.sums[mode] = dict.fromkeys(STAT_NAMES, 0.0)
+    sums: dict[str, dict[str, float]] = field(default_factory=lambda: {"train": {}, "eval": {}, "log": {}})
 
-    def add(self, mode: str, values: list[float]) -> None:
-        totals = self.sums[mode] or dict.fromkeys(STAT_NAMES, 0.0)
+    def reset(self, window: str) -> None:
+        self.sums[window] = dict.fromkeys(STAT_NAMES, 0.0)
+
+    def add(self, window: str, values: list[float]) -> None:
+        totals = self.sums[window] or dict.fromkeys(STAT_NAMES, 0.0)
         for name, value in zip(STAT_NAMES, values):
             totals[name] += value
-        self.sums[mode] = totals
+        self.sums[window] = totals
 
-    def means(self, mode: str) -> dict[str, float]:
-        totals = self.sums[mode]
-        pairs = max(totals.get("pairs", 0.0), 1.0)
+    def means(self, window: str) -> dict[str, float]:
+        totals = self.sums[window] or dict.fromkeys(STAT_NAMES, 0.0)
+        pairs = max(totals["pairs"], 1.0)
         chosen, rejected = totals["chosen_reward"] / pairs, totals["rejected_reward"] / pairs
         return {
             "loss": totals["loss"] / pairs,
@@ -143,38 +154,48 @@ class RecipeDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         chosen_logps, rejected_logps = pair_logps(model, inputs)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
-            chosen_logps, rejected_logps, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], self.beta
+            chosen_logps, rejected_logps, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], self.beta,
+            chosen_tokens=inputs["chosen_tokens"], rejected_tokens=inputs["rejected_tokens"],
         )
         loss = losses.mean()
-        stats = torch.stack(
+        per_pair = torch.stack(
             [
-                losses.detach().sum(),
-                chosen_rewards.sum(),
-                rejected_rewards.sum(),
-                (chosen_rewards > rejected_rewards).sum(),
-                (chosen_rewards == rejected_rewards).sum(),
-                torch.tensor(len(losses), device=losses.device),
-                inputs["pair_tokens"].sum(),
-                chosen_logps.detach().sum(),
-                rejected_logps.detach().sum(),
-            ]
+                losses.detach(),
+                chosen_rewards,
+                rejected_rewards,
+                chosen_rewards > rejected_rewards,
+                chosen_rewards == rejected_rewards,
+                torch.ones_like(losses),
+                inputs["pair_tokens"],
+                chosen_logps.detach(),
+                rejected_logps.detach(),
+            ],
+            dim=1,
         ).double()
-        stats = self.accelerator.gather(stats.unsqueeze(0)).sum(dim=0).tolist()
+        # Per pair, not per process: gather_for_metrics drops the pairs accelerate repeats to even out the last batch
+        # across processes, so each real pair counts once.
+        stats = self.accelerator.gather_for_metrics(per_pair).sum(dim=0).tolist()
         if not all(map(_finite, stats[:3])):
             where = f"optimizer step {self.state.global_step + 1}" if mode == "train" else "evaluation"
             raise DivergenceError(f"loss became {stats[0] / max(stats[5], 1):g} at {where} (epoch {self.state.epoch or 0:.2f})")
         self.totals.add(mode, stats)
-        pairs = max(stats[5], 1.0)
-        for key, value in (
-            ("rewards/chosen", stats[1] / pairs),
-            ("rewards/rejected", stats[2] / pairs),
-            ("rewards/margins", (stats[1] - stats[2]) / pairs),
-            ("rewards/accuracies", stats[3] / pairs),
-            ("logps/chosen", stats[7] / pairs),
-            ("logps/rejected", stats[8] / pairs),
-        ):
-            self._metrics[mode][key].append(value)
+        if mode == "train":
+            self.totals.add("log", stats)
         return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # TRL's own `log` averages per-batch means, so a short last batch weighs as much as a full one. Per-pair
+        # means over the window instead: the evaluation just run, or the training steps since the last log line.
+        evaluating = any(key.startswith("eval_") for key in logs)
+        window = "eval" if evaluating else "log"
+        means = self.totals.means(window)
+        if means["pairs"] and (evaluating or "loss" in logs):
+            prefix = "eval_" if evaluating else ""
+            logs[f"{prefix}loss"] = means["loss"]
+            logs.update({f"{prefix}{name}": means[stat] for name, stat in LOGGED_MEANS.items()})
+        if not evaluating and "loss" in logs:
+            self.totals.reset("log")
+        super(DPOTrainer, self).log(logs, start_time)  # transformers' Trainer.log, past TRL's averaging
 
     def evaluate(self, *args, **kwargs):
         self.totals.reset("eval")
