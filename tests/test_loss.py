@@ -118,14 +118,21 @@ def _with_float64_log_probs(forward):
     return wrapped
 
 
-# Our loss.type and TRL's loss_type for the same definition.
-TRL_LOSS_NAMES = {"dpo": "sigmoid", "ipo": "ipo"}
+# Our loss config and TRL's DPOConfig arguments for the same definition.
+SAME_LOSS_IN_TRL = {
+    "dpo": ({"loss_type": "dpo"}, {"loss_type": ["sigmoid"]}),
+    "ipo": ({"loss_type": "ipo"}, {"loss_type": ["ipo"]}),
+    "hinge": ({"loss_type": "hinge"}, {"loss_type": ["hinge"]}),
+    "robust": ({"loss_type": "robust", "label_smoothing": 0.1}, {"loss_type": ["robust"], "label_smoothing": 0.1}),
+    "rpo": ({"loss_type": "dpo", "rpo_alpha": 0.5}, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}),
+}
 
 
 @pytest.mark.parametrize(
-    "loss_type, share_prompt", [("dpo", True), ("dpo", False), ("ipo", True), ("ipo", False)]
+    "loss, share_prompt", [("dpo", False), ("ipo", False), *((name, True) for name in SAME_LOSS_IN_TRL)]
 )
-def test_trainer_loss_equals_trls_on_a_real_batch(tokenizer, tiny_gpt2, tmp_path, loss_type, share_prompt):
+def test_trainer_loss_equals_trls_on_a_real_batch(tokenizer, tiny_gpt2, tmp_path, loss, share_prompt):
+    ours_config, trl_config = SAME_LOSS_IN_TRL[loss]
     pairs = _tokenized_pairs(tokenizer)
     tiny_gpt2 = tiny_gpt2.double()
     reference = copy.deepcopy(tiny_gpt2)
@@ -136,7 +143,7 @@ def test_trainer_loss_equals_trls_on_a_real_batch(tokenizer, tiny_gpt2, tmp_path
     policy = copy.deepcopy(tiny_gpt2)
 
     trl_trainer = _PreTokenizedTRL(
-        model=tiny_gpt2, ref_model=reference, args=_arguments(tmp_path, loss_type=[TRL_LOSS_NAMES[loss_type]]),
+        model=tiny_gpt2, ref_model=reference, args=_arguments(tmp_path, **trl_config),
         train_dataset=pairs, processing_class=tokenizer,
     )
     trl_batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)([pairs[i] for i in range(len(pairs))])
@@ -155,7 +162,7 @@ def test_trainer_loss_equals_trls_on_a_real_batch(tokenizer, tiny_gpt2, tmp_path
     ours = RecipeDPOTrainer(
         model=policy, ref_model=reference_copy, args=_arguments(tmp_path, precompute_ref_log_probs=True),
         data_collator=PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt), train_dataset=pairs,
-        processing_class=tokenizer, loss_fn=resolve_loss(loss_type), reference_cache_dir=str(tmp_path / "cache"),
+        processing_class=tokenizer, loss_fn=resolve_loss(**ours_config), reference_cache_dir=str(tmp_path / "cache"),
     )
     batch = ours.data_collator([ours.train_dataset[i] for i in range(len(pairs))])
     ours.model.train()

@@ -94,10 +94,14 @@ class TrainingConfig:
 
 @dataclass
 class LossConfig:
-    # dpo, ipo, cdpo, or a dotted path `package.module:function` with dpo_loss's signature.
+    # dpo, cdpo, ipo, hinge, robust (TRL's definitions), or a dotted path `package.module:function` with dpo_loss's
+    # signature.
     type: str = "dpo"
     beta: float = 0.1
+    # The assumed rate of flipped labels, for cdpo and robust (and dpo, which it turns into cdpo).
     label_smoothing: float = 0.0
+    # RPO: adds this times the chosen responses' per-token NLL to the loss (TRL's loss_type [sigmoid, sft]).
+    rpo_alpha: float | None = None
 
 
 @dataclass
@@ -248,6 +252,7 @@ def _validate(config: RecipeConfig) -> None:
     checks = [
         ("loss.beta", config.loss.beta > 0, "must be > 0"),
         ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("loss.rpo_alpha", (config.loss.rpo_alpha or 0) >= 0, "must be >= 0 or null"),
         ("training.learning_rate", config.training.learning_rate > 0, "must be > 0"),
         ("training.num_epochs", config.training.num_epochs >= 1, "must be >= 1"),
         ("training.effective_batch_size", config.training.effective_batch_size >= 1, "must be >= 1"),

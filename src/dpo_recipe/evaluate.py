@@ -238,7 +238,7 @@ class RunScorer:
             self.tokenizer.pad_token_id, self.config.training.prompt_sharing, self.config.training.pad_to_multiple_of
         )
         self.batch_size = batch_size or self.config.training.eval_batch_size
-        self.loss_fn = resolve_loss(self.config.loss.type, self.config.loss.label_smoothing)
+        self.loss_fn = resolve_loss(self.config.loss.type, self.config.loss.label_smoothing, self.config.loss.rpo_alpha)
         self.beta = self.config.loss.beta
 
     def test_pairs(self, report: DataReport) -> list[PreferencePair]:

@@ -80,7 +80,66 @@ def ipo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-BUILTIN_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "cdpo": dpo_loss}
+def hinge_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    **token_counts: torch.Tensor,
+) -> LossOutput:
+    """SLiC's hinge (Zhao et al. 2023): max(0, 1 - beta * h); beta is the inverse of the margin it asks for."""
+    chosen_rewards, rejected_rewards = _rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    losses = torch.relu(1 - (chosen_rewards - rejected_rewards))
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def robust_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    **token_counts: torch.Tensor,
+) -> LossOutput:
+    """Robust DPO (Chowdhury et al. 2024): an unbiased loss when each label is flipped with probability eps < 0.5.
+
+    Unlike cDPO it subtracts the flipped term and rescales by 1/(1 - 2 eps), so its expectation under the noise is
+    the clean DPO loss.
+    """
+    chosen_rewards, rejected_rewards = _rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    logits = chosen_rewards - rejected_rewards
+    eps = label_smoothing
+    losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def with_chosen_nll(loss_fn: LossFn, alpha: float) -> LossFn:
+    """RPO (Pang et al. 2024): the preference loss plus alpha times the chosen responses' negative log-likelihood.
+
+    As TRL's `loss_type=["sigmoid", "sft"]` with weights [1, alpha]: the NLL is per token over all chosen tokens of
+    the batch, so it is one value that every pair of the batch carries.
+    """
+
+    @functools.wraps(loss_fn)
+    def loss_with_nll(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, *,
+                      chosen_tokens, rejected_tokens):  # fmt: skip
+        losses, chosen_rewards, rejected_rewards = loss_fn(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+            chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
+        )
+        nll = -policy_chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+        return losses + alpha * nll, chosen_rewards, rejected_rewards
+
+    return loss_with_nll
+
+
+BUILTIN_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "cdpo": dpo_loss, "hinge": hinge_loss, "robust": robust_loss}
 
 
 def _passing_token_counts(function: Callable) -> LossFn:
@@ -99,16 +158,19 @@ def _passing_token_counts(function: Callable) -> LossFn:
     return without_token_counts
 
 
-def resolve_loss(loss_type: str, label_smoothing: float = 0.0) -> LossFn:
-    """Map a config's `loss.type` to a callable with `dpo_loss`'s signature (token counts as keywords).
+def resolve_loss(loss_type: str, label_smoothing: float = 0.0, rpo_alpha: float | None = None) -> LossFn:
+    """Map a config's `loss` section to a callable with `dpo_loss`'s signature (token counts as keywords).
 
     Anything that is not a built-in name is read as `package.module:function` (or `package.module.function`); such a
-    function may leave out the token-count keywords.
+    function may leave out the token-count keywords. `rpo_alpha` adds RPO's NLL term to any of them.
     """
-    if loss_type == "cdpo":
-        return functools.partial(dpo_loss, label_smoothing=label_smoothing)
-    if loss_type == "dpo":
-        return functools.partial(dpo_loss, label_smoothing=label_smoothing) if label_smoothing else dpo_loss
+    loss_fn = _base_loss(loss_type, label_smoothing)
+    return with_chosen_nll(loss_fn, rpo_alpha) if rpo_alpha else loss_fn
+
+
+def _base_loss(loss_type: str, label_smoothing: float) -> LossFn:
+    if loss_type in ("dpo", "cdpo", "robust") and label_smoothing:
+        return functools.partial(BUILTIN_LOSSES[loss_type], label_smoothing=label_smoothing)
     if loss_type in BUILTIN_LOSSES:
         return BUILTIN_LOSSES[loss_type]
     module_name, sep, attribute = loss_type.rpartition(":") if ":" in loss_type else loss_type.rpartition(".")

@@ -459,7 +459,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
     state = PartialState(cpu=not torch.cuda.is_available())
     precision = resolve_precision(config.training.precision, config.source_file)
     try:  # before any data or model work, so a typo in loss.type costs nothing
-        loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing)
+        loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha)
     except ValueError as error:
         raise ConfigError(f"{config.source_file}: {error}") from None
     run_dir = config.run_dir
