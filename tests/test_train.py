@@ -135,3 +135,43 @@ def assert_logged_eval_metrics_equal_the_record(checkpoint, record) -> None:
     assert logged["eval_rewards/margins"] == pytest.approx(val["margin"], rel=1e-12)
     assert logged["eval_rewards/chosen"] == pytest.approx(val["chosen_reward"], rel=1e-12)
     assert logged["eval_logps/rejected"] == pytest.approx(val["logps_rejected"], rel=1e-12)
+
+
+def test_eval_steps_max_steps_and_checkpoint_retention(smoke_config):
+    """Mid-epoch validation lands in metrics.jsonl; resume state (optimizer) stays in the newest epoch only."""
+    config = smoke_config("training.eval_steps=6")
+    assert run_training(config) == 0
+    run_dir = config.run_dir
+    # Steps 12, 24 and 36 end epochs, which validate anyway: no second pass there.
+    assert [r["step"] for r in read_metrics(run_dir, "eval")] == [6, 18, 30]
+    assert [r["step"] for r in read_metrics(run_dir, "step")] == [6, 12, 18, 24, 30, 36]  # logging_steps 6
+    assert all(r["val"]["pairs"] == 48 for r in read_metrics(run_dir, "eval"))
+    has_optimizer = [(path / "optimizer.pt").is_file() for path in epoch_dirs(run_dir)]
+    assert has_optimizer == [False, False, True]
+    assert all((path / "model.safetensors").is_file() for path in epoch_dirs(run_dir))
+
+    # 30 steps are two and a half epochs: the partial third is evaluated and saved as epoch 3.
+    short = smoke_config("run_name=short", "training.max_steps=30", "training.keep_epochs=best_and_last")
+    assert run_training(short) == 0
+    records = read_metrics(short.run_dir)
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 12), (2, 24), (3, 30)]
+    best = json.loads((short.run_dir / "best.json").read_text())["checkpoint"]
+    assert {path.name for path in epoch_dirs(short.run_dir)} == {best, "epoch-3"}
+    assert (short.run_dir / "epoch-3" / "optimizer.pt").is_file()
+
+
+def test_a_smoke_run_prints_a_few_readable_lines(tmp_path):
+    """Non-TTY output: no progress bars, no raw dicts, one line per logging step and per epoch."""
+    command = [
+        sys.executable, "scripts/train.py", "--config", "configs/smoke.yaml",
+        "--set", f"training.output_dir={tmp_path}", "--set", f"training.reference_cache_dir={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) <= 20, "\n".join(lines)
+    assert not [line for line in lines if "it/s]" in line or "%|" in line]  # progress bars
+    assert not [line for line in lines if line.lstrip().startswith("{")]  # transformers' raw log dicts
+    assert not [line for line in lines if "Warning" in line or "warnings.warn" in line]
+    assert sum(line.startswith("step ") for line in lines) == 6 and sum(line.startswith("epoch ") for line in lines) == 3

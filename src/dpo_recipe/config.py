@@ -88,6 +88,13 @@ class TrainingConfig:
     pad_to_multiple_of: int | None = None
     reference_cache_dir: str = ".cache/reference_logps"
     best_metric: str = "loss"
+    # Stop after this many optimizer steps (the partial last epoch is evaluated and saved); null: num_epochs decides.
+    max_steps: int | None = None
+    # Also validate every this many optimizer steps (into metrics.jsonl and the plots); null: at epoch ends only.
+    eval_steps: int | None = None
+    # Every epoch's weights (`all`), or only the best and the newest (`best_and_last`). Optimizer state, which only
+    # resuming reads and which is twice the weights, is kept in the newest epoch alone either way.
+    keep_epochs: str = "all"
     logging_steps: int = 10
     dataloader_num_workers: int = 0
 
@@ -139,6 +146,7 @@ CHOICES = {
     "training.precision": ("auto", "bf16", "fp32", "fp16"),
     "training.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
     "training.best_metric": ("loss", "accuracy", "margin"),
+    "training.keep_epochs": ("all", "best_and_last"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
 }
 
@@ -259,6 +267,9 @@ def _validate(config: RecipeConfig) -> None:
         ("training.per_device_batch_size", config.training.per_device_batch_size >= 1, "must be >= 1"),
         ("training.eval_batch_size", config.training.eval_batch_size >= 1, "must be >= 1"),
         ("training.pad_to_multiple_of", (config.training.pad_to_multiple_of or 1) >= 1, "must be >= 1 or null"),
+        ("training.max_steps", (config.training.max_steps or 1) >= 1, "must be >= 1 or null"),
+        ("training.eval_steps", (config.training.eval_steps or 1) >= 1, "must be >= 1 or null"),
+        ("training.logging_steps", config.training.logging_steps >= 1, "must be >= 1"),
         ("training.warmup_ratio", 0 <= config.training.warmup_ratio < 1, "must be in [0, 1)"),
         ("data.max_length", config.data.max_length >= 16, "must be >= 16"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be in (0, 1)"),
