@@ -11,7 +11,16 @@ from trl.trainer.utils import add_fused_lm_head
 
 from dpo_recipe.config import SHARED_PROMPT_ATTENTION, DataConfig, load_config
 from dpo_recipe.data import DataReport, PreferencePair, split_dialogue, tokenize_pairs
-from dpo_recipe.packing import PairCollator, dataset_pair_logps, make_collator, pair_logps
+from dpo_recipe.packing import (
+    LengthBuckets,
+    LengthBucketSampler,
+    PairCollator,
+    bucket_batches,
+    dataset_pair_logps,
+    make_collator,
+    pair_logps,
+    plan_buckets,
+)
 from dpo_recipe.synthetic import hh_length_rows
 from dpo_recipe.trainer import prepare_run
 
@@ -146,10 +155,10 @@ def test_rounding_the_batch_width_changes_no_log_prob(tiny_gpt2, uneven_pairs, t
 
 
 def test_the_lm_head_projects_only_the_scored_positions(tiny_gpt2, uneven_pairs, tokenizer, monkeypatch):
-    import trl.trainer.utils as trl_utils
+    import dpo_recipe.packing as packing
 
     projected_rows = []
-    real_head = trl_utils._ChunkedLogProbFunction
+    real_head = packing.ChunkedLogProbFunction
 
     class CountingHead:
         @staticmethod
@@ -157,7 +166,7 @@ def test_the_lm_head_projects_only_the_scored_positions(tiny_gpt2, uneven_pairs,
             projected_rows.append(hidden.shape[0])
             return real_head.apply(hidden, *args)
 
-    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", CountingHead)
+    monkeypatch.setattr(packing, "ChunkedLogProbFunction", CountingHead)
     add_fused_lm_head(tiny_gpt2)
     batch = PairCollator(tokenizer.pad_token_id, share_prompt=True)(uneven_pairs)
     with torch.no_grad():
@@ -167,6 +176,89 @@ def test_the_lm_head_projects_only_the_scored_positions(tiny_gpt2, uneven_pairs,
     assert projected_rows == [response_tokens]  # not every position of the padded batch
     assert batch["input_ids"].numel() > response_tokens + 600  # prompts and padding are skipped
     assert plain.logits.shape[:2] == (len(uneven_pairs), 10)  # other forwards are left whole
+
+
+def trl_fused_head_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The path the recipe used before: TRL's fused LM head over every position, labels -100 but where scored."""
+    rows, width = batch["input_ids"].shape
+    labels = torch.full((rows * width,), -100)
+    labels[batch["scored_positions"]] = batch["scored_labels"]
+    output = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        shift_labels=labels.view(rows, width), fused_lm_head=True, use_cache=False,
+    )
+    token_logps = output.log_probs.flatten()[batch["scored_positions"]].double()
+    pairs = torch.zeros(len(batch["pair_tokens"]), dtype=torch.float64)
+    chosen = batch["scored_chosen"]
+    return pairs.index_add(0, batch["scored_pairs"], token_logps * chosen), pairs.index_add(0, batch["scored_pairs"], token_logps * ~chosen)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_the_scoring_head_equals_trls_fused_head(tiny_gpt2, uneven_pairs, tokenizer, share_prompt):
+    add_fused_lm_head(tiny_gpt2)
+    batch = PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt)(uneven_pairs)
+    with torch.no_grad():
+        for got, want in zip(pair_logps(tiny_gpt2, batch), trl_fused_head_logps(tiny_gpt2, batch)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_bucket_padding_changes_no_log_prob(tiny_gpt2, uneven_pairs, tokenizer, share_prompt):
+    """Wider rows and extra scored-position slots (position 0 against token 0, counted for neither side)."""
+    add_fused_lm_head(tiny_gpt2)
+    exact = PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt)(uneven_pairs)
+    width, scored = exact["input_ids"].shape[1], len(exact["scored_positions"])
+    per_pair = -(-scored // len(uneven_pairs))
+    buckets = LengthBuckets(widths=(width - 1, width + 40, width + 80), scored_per_pair=(per_pair - 5, per_pair + 9), multiple=8)
+    padded = PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt, buckets=buckets)(uneven_pairs)
+    assert padded["input_ids"].shape[1] == width + 40  # the smallest bucket that holds the longest row
+    slots = len(padded["scored_positions"])
+    assert slots == buckets.scored(scored, len(uneven_pairs)) == -(-(per_pair + 9) * len(uneven_pairs) // 8) * 8
+    assert slots > scored and not (padded["scored_chosen"][scored:] | padded["scored_rejected"][scored:]).any()
+    assert torch.equal(padded["pair_tokens"], exact["pair_tokens"])  # padding is not counted as work
+    with torch.no_grad():
+        for got, want in zip(pair_logps(tiny_gpt2, padded), pair_logps(tiny_gpt2, exact)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_bucket_plan_covers_the_data_with_few_shapes():
+    lengths = [40 + (i * 37) % 200 for i in range(300)]
+    scored = [n // 2 + (i % 7) for i, n in enumerate(lengths)]
+    plan = plan_buckets(lengths, scored, count=4, multiple=64, batch_size=16)
+    assert 1 <= len(plan.widths) <= 4 and all(w % 64 == 0 for w in plan.widths)
+    assert plan.widths[-1] >= max(lengths) and plan.widths[0] >= min(lengths)
+    assert list(plan.widths) == sorted(set(plan.widths)) and len(plan.scored_per_pair) <= 4
+    buckets = [plan.bucket(n) for n in lengths]
+    assert all(plan.widths[b] >= n for b, n in zip(buckets, lengths))
+    # Every batch the sampler forms fits a bucket: its width and its scored-position count are bucket values.
+    for seed in range(3):
+        for batch in bucket_batches(buckets, 16, torch.Generator().manual_seed(100 + seed)):
+            count = sum(scored[i] for i in batch)
+            assert plan.width(max(lengths[i] for i in batch)) in plan.widths
+            assert plan.scored(count, len(batch)) in {-(-s * len(batch) // 64) * 64 for s in plan.scored_per_pair}
+            assert plan.scored(count, len(batch)) >= count
+
+
+def test_length_buckets_visit_every_pair_once_per_epoch_in_bucket_shapes(smoke_config):
+    run = prepare_run(smoke_config("training.length_buckets=3"))
+    trainer, train = run.trainer, run.trainer.train_dataset
+    buckets = trainer.data_collator.buckets
+    assert buckets is not None and len(buckets.widths) >= 2
+    expected = Counter(map(shared_row, train["prompt_ids"], train["chosen_ids"], train["rejected_ids"]))
+    loader = trainer.get_train_dataloader()
+    assert isinstance(loader.base_dataloader.batch_sampler.sampler, LengthBucketSampler)
+    orders, widths = [], set()
+    for _ in range(2):
+        seen = []
+        for batch in loader:
+            widths.add(batch["input_ids"].shape[1])
+            pairs = len(batch["pair_tokens"])
+            assert len(batch["scored_positions"]) in {-(-s * pairs // 8) * 8 for s in buckets.scored_per_pair}
+            seen += [tuple(ids[: int(count)].tolist()) for ids, count in zip(batch["input_ids"], batch["pair_tokens"])]
+        assert Counter(seen) == expected  # each pair exactly once: none lost, none repeated
+        orders.append(seen)
+    assert orders[0] != orders[1]  # a fresh order every epoch
+    assert widths <= set(buckets.widths) and len(widths) >= 2
 
 
 def test_log_probs_of_a_compiled_model_equal_eager_ones(tiny_gpt2, uneven_pairs, tokenizer):

@@ -53,8 +53,11 @@ def hold_after_epoch_1(*args):
             time.sleep(0.02)
     return dpo_loss(*args)
 '''
-# dpo_loss, but nan from the 7th call on: calls 1-4 are epoch 1's steps, 5 is its validation, 6 is step 5, 7 is step 6.
+# dpo_loss, but nan from the 7th call on (or $NAN_FROM_CALL): calls 1-4 are epoch 1's steps, 5 is its validation,
+# 6 is step 5, 7 is step 6, ..., 9 is step 8 (the last of epoch 2).
 NAN_MODULE = '''
+import os
+
 from dpo_recipe.loss import dpo_loss
 
 calls = 0
@@ -64,7 +67,8 @@ def nan_from_call_7(*args):
     global calls
     calls += 1
     losses, chosen_rewards, rejected_rewards = dpo_loss(*args)
-    return (losses * float("nan") if calls >= 7 else losses), chosen_rewards, rejected_rewards
+    bad = calls >= int(os.environ.get("NAN_FROM_CALL", 7))
+    return (losses * float("nan") if bad else losses), chosen_rewards, rejected_rewards
 '''
 # dpo_loss that appends each batch's pairs (their reference log-probs, which identify them) to BATCH_LOG.
 ORDER_MODULE = '''
@@ -159,7 +163,9 @@ def gated_run(workspace):
         output_dir = workspace / name
         output_dir.mkdir()
         overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=gate_loss:hold_after_epoch_1")
-        env = dict(os.environ, PYTHONPATH=str(workspace / "modules"), GATE_RUN_DIR=str(output_dir / "smoke"))
+        # The test's loss module, before whatever PYTHONPATH this test runs under (a worktree's src/, say).
+        python_path = os.pathsep.join(filter(None, [str(workspace / "modules"), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=python_path, GATE_RUN_DIR=str(output_dir / "smoke"))
         with open(output_dir / "stdout.txt", "w") as stdout, open(output_dir / "stderr.txt", "w") as stderr:
             process = subprocess.Popen(
                 [sys.executable, "-m", "dpo_recipe", "train", "--config", str(SMOKE_CONFIG),
@@ -269,6 +275,7 @@ def test_a_save_that_fails_midway_is_never_loaded_and_is_cleaned_on_resume(works
 
 def test_nan_loss_stops_with_exit_3_naming_the_step_and_keeps_epoch_1(workspace, baseline, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(workspace / "modules"))
+    monkeypatch.delitem(sys.modules, "nan_loss", raising=False)  # its call count starts at 0
     output_dir = workspace / "diverged"
     overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=nan_loss:nan_from_call_7")
     code = main(["train", "--config", str(SMOKE_CONFIG), *(a for o in overrides for a in ("--set", o))])
@@ -282,3 +289,23 @@ def test_nan_loss_stops_with_exit_3_naming_the_step_and_keeps_epoch_1(workspace,
     assert not list(run_dir.glob("checkpoint-*"))
     assert_same_weights(run_dir / "epoch-1", baseline / "epoch-1")
     assert_same_metrics(run_dir, baseline, epochs=1)
+
+
+def test_a_nan_in_the_last_step_before_a_save_never_reaches_a_checkpoint(workspace, baseline, monkeypatch, capsys):
+    """Step statistics are read at log steps and saves, not every step. With no log step in between, the epoch-end
+    read must still stop a nan in the very last step of epoch 2 before epoch 2 is evaluated or saved."""
+    monkeypatch.syspath_prepend(str(workspace / "modules"))
+    monkeypatch.delitem(sys.modules, "nan_loss", raising=False)
+    monkeypatch.setenv("NAN_FROM_CALL", "9")
+    output_dir = workspace / "diverged_late"
+    overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=nan_loss:nan_from_call_7", "training.logging_steps=100")
+    code = main(["train", "--config", str(SMOKE_CONFIG), *(a for o in overrides for a in ("--set", o))])
+    assert code == 3
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: training diverged: loss became nan at optimizer step 8 (epoch 1.75); the last good checkpoint is intact"
+    )
+    run_dir = output_dir / "smoke"
+    assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
+    assert not list(run_dir.glob("checkpoint-*"))
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
+    assert_same_weights(run_dir / "epoch-1", baseline / "epoch-1")

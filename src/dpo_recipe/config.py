@@ -71,7 +71,9 @@ class TrainingConfig:
     learning_rate: float = 1e-4
     effective_batch_size: int = 16
     per_device_batch_size: int = 16
-    eval_batch_size: int = 32
+    # Pairs per forward-only batch (reference pass, evaluation). null: 32 on CPU, 128 on a GPU, where a 124M model's
+    # forward at batch 16 is bound by kernel launches.
+    eval_batch_size: int | None = None
     lr_scheduler: str = "linear"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -80,9 +82,20 @@ class TrainingConfig:
     # auto: bf16 on a GPU that supports it, fp32 otherwise (bf16 matmuls on CPU are hundreds of times slower).
     precision: str = "auto"
     gradient_checkpointing: bool = False
-    torch_compile: bool = False
+    # torch.compile the model. null: on a GPU (fused elementwise work, fewer kernel launches), off on CPU. With
+    # length buckets the compiled graphs stop changing after the first pass over the bucket shapes.
+    torch_compile: bool | None = None
+    # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
+    compile_mode: str = "default"
     group_by_length: bool = True
-    prompt_sharing: bool = True
+    # One row per pair with the prompt computed once (true), or TRL's two rows per pair (false). null: shared on CPU,
+    # where it saves 32% of hh-rlhf tokens (make bench); separate rows on a GPU, which ran faster end to end there
+    # (epoch 1: 44.7k against 35.4k tokens/s on an H100, ../shared/gpu/h100-2026-11-26.md; to re-measure with buckets).
+    prompt_sharing: bool | None = None
+    # Row widths and scored-position counts padded to this many buckets, drawn from the data's length quantiles, with
+    # batches formed within a bucket: few static shapes, so everything built per shape (attention plans, compiled
+    # graphs) is built once per bucket. null: 5 on a GPU, off (0) on CPU, where exact widths are cheapest.
+    length_buckets: int | None = None
     # Batch width rounded up to a multiple of this. null: 64 on a GPU, exact on CPU. GPU attention kernels that take
     # a mask (cuDNN) plan once per shape, and a new width every step cost ~0.3 s each (measured on an H200).
     pad_to_multiple_of: int | None = None
@@ -147,6 +160,7 @@ CHOICES = {
     "training.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
     "training.best_metric": ("loss", "accuracy", "margin"),
     "training.keep_epochs": ("all", "best_and_last"),
+    "training.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
 }
 
@@ -265,7 +279,8 @@ def _validate(config: RecipeConfig) -> None:
         ("training.num_epochs", config.training.num_epochs >= 1, "must be >= 1"),
         ("training.effective_batch_size", config.training.effective_batch_size >= 1, "must be >= 1"),
         ("training.per_device_batch_size", config.training.per_device_batch_size >= 1, "must be >= 1"),
-        ("training.eval_batch_size", config.training.eval_batch_size >= 1, "must be >= 1"),
+        ("training.eval_batch_size", (config.training.eval_batch_size or 1) >= 1, "must be >= 1 or null"),
+        ("training.length_buckets", (config.training.length_buckets or 0) >= 0, "must be >= 0 or null"),
         ("training.pad_to_multiple_of", (config.training.pad_to_multiple_of or 1) >= 1, "must be >= 1 or null"),
         ("training.max_steps", (config.training.max_steps or 1) >= 1, "must be >= 1 or null"),
         ("training.eval_steps", (config.training.eval_steps or 1) >= 1, "must be >= 1 or null"),

@@ -36,7 +36,7 @@ from .data import (
 )
 from .loss import resolve_loss
 from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
-from .packing import dataset_pair_logps, make_collator, response_token_counts
+from .packing import dataset_pair_logps, forward_batch_size, make_collator, response_token_counts
 from .reference import cache_path, cached_reference_logps
 from .trainer import BEST_FILE, BEST_LINK, EPOCH_PREFIX, epoch_dirs, resolve_precision
 
@@ -237,7 +237,7 @@ class RunScorer:
         self.collator = make_collator(
             self.tokenizer.pad_token_id, self.config.training.prompt_sharing, self.config.training.pad_to_multiple_of
         )
-        self.batch_size = batch_size or self.config.training.eval_batch_size
+        self.batch_size = batch_size or forward_batch_size(self.config.training.eval_batch_size)
         self.loss_fn = resolve_loss(self.config.loss.type, self.config.loss.label_smoothing, self.config.loss.rpo_alpha)
         self.beta = self.config.loss.beta
 

@@ -10,19 +10,28 @@ Two layouts, one code path:
   attention kernels that take none.
 
 Either way the batch lists the scored positions (each response token's predecessor), the token each predicts, its
-pair and its side, so TRL's fused LM head scores only those and the sums are the same function in both layouts.
+pair and its side, so the LM head scores only those and the sums are the same function in both layouts.
+
+Length buckets (`LengthBuckets`, on by default on a GPU): row widths and scored-position counts are padded up to a few
+fixed values drawn from the data, and batches are formed within a bucket (`LengthBucketSampler`). A GPU then sees a
+handful of shapes, so attention plans and compiled graphs are built once per bucket instead of once per batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import functools
+import math
+import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel, is_peft_model
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
+from trl.kernels import ChunkedLogProbFunction
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 IGNORE_INDEX = -100
 
@@ -33,19 +42,139 @@ IGNORE_INDEX = -100
 SHARED_PROMPT_MASKS = {"sdpa": "boolean", "eager": "additive"}
 
 
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+# Device defaults for the `null` (auto) training settings; see config.TrainingConfig for why each differs.
+GPU_PAD_MULTIPLE = 64
+CPU_BUCKET_MULTIPLE = 8
+GPU_LENGTH_BUCKETS = 5
+FORWARD_BATCH_SIZE = {"cuda": 128, "cpu": 32}
+
+
+def default_prompt_sharing(setting: bool | None) -> bool:
+    return (not on_gpu()) if setting is None else setting
+
+
+def forward_batch_size(setting: int | None) -> int:
+    """Pairs per batch for the forward-only passes: the reference-cache fill and evaluation."""
+    return FORWARD_BATCH_SIZE["cuda" if on_gpu() else "cpu"] if setting is None else setting
+
+
+def row_lengths(pairs, share_prompt: bool) -> list[int]:
+    """Each pair's row length in a layout (the longer of its two rows when separate), from examples or a dataset."""
+    columns = pairs if hasattr(pairs, "column_names") else {k: [e[k] for e in pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    prompts, chosens, rejecteds = (columns[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    if share_prompt:  # the prompt's last token repeats once per branch
+        return [len(p) + len(c) + len(r) + 1 for p, c, r in zip(prompts, chosens, rejecteds)]
+    return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosens, rejecteds)]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class LengthBuckets:
+    """The few batch shapes a run uses: row widths, and scored positions per pair (times the pairs in a batch).
+
+    A batch pads its rows to the smallest width at least its longest row, and its scored-position list to the
+    smallest per-pair count at least its mean, times its pairs. A batch beyond every bucket (a longer evaluation
+    pair, say) is rounded up to `multiple` instead: correct, only one shape more.
+    """
+
+    widths: tuple[int, ...]
+    scored_per_pair: tuple[int, ...]
+    multiple: int
+
+    def width(self, longest: int) -> int:
+        return next((w for w in self.widths if w >= longest), _round_up(longest, self.multiple))
+
+    def bucket(self, length: int) -> int:
+        """Index of the width bucket a row of this length falls in (the last one for anything longer)."""
+        return next((i for i, w in enumerate(self.widths) if w >= length), len(self.widths) - 1)
+
+    def scored(self, count: int, pairs: int) -> int:
+        per_pair = next((s for s in self.scored_per_pair if s * pairs >= count), None)
+        return _round_up(per_pair * pairs if per_pair else count, self.multiple)
+
+
+def _quantile_ladder(values: Sequence[float], count: int, multiple: int) -> tuple[int, ...]:
+    ordered = sorted(values)
+    picks = [ordered[max(0, math.ceil(len(ordered) * k / count) - 1)] for k in range(1, count + 1)]
+    return tuple(sorted({_round_up(math.ceil(v), multiple) for v in picks}))
+
+
+def plan_buckets(
+    lengths: Sequence[int], scored: Sequence[int], count: int, multiple: int, batch_size: int, seed: int = 0
+) -> LengthBuckets:
+    """`count` width buckets at the quantiles of the row lengths, rounded up to `multiple`, the last holding the
+    longest row; and `count` scored-per-pair buckets at the quantiles of the mean scored positions per pair of the
+    batches `LengthBucketSampler` forms from these pairs (simulated over a few epochs: the first covers them all)."""
+    widths = _quantile_ladder(lengths, count, multiple)
+    plan = LengthBuckets(widths, (), multiple)
+    generator = torch.Generator().manual_seed(seed)
+    means = []
+    for _ in range(8):
+        for batch in bucket_batches([plan.bucket(n) for n in lengths], batch_size, generator):
+            means.append(sum(scored[i] for i in batch) / len(batch))
+    return LengthBuckets(widths, _quantile_ladder(means, count, 1), multiple)
+
+
+def bucket_batches(buckets: Sequence[int], batch_size: int, generator: torch.Generator | None) -> list[list[int]]:
+    """One epoch of batches formed within buckets: each bucket's pairs shuffled, the buckets laid end to end and cut
+    into batches, so only a batch on a boundary mixes two buckets (and takes the wider one's width), and at most one
+    batch is short. The batch of the longest bucket with the most pairs comes first, so an out-of-memory shows at
+    step one; the others follow in random order."""
+    members: dict[int, list[int]] = {}
+    for index, bucket in enumerate(buckets):
+        members.setdefault(bucket, []).append(index)
+    order = []
+    for bucket in sorted(members):
+        pairs = members[bucket]
+        order += [pairs[i] for i in torch.randperm(len(pairs), generator=generator).tolist()]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    first = max(range(len(batches)), key=lambda b: (max(buckets[i] for i in batches[b]), len(batches[b])))
+    rest = [b for b in range(len(batches)) if b != first]
+    return [batches[first]] + [batches[rest[i]] for i in torch.randperm(len(rest), generator=generator).tolist()]
+
+
+class LengthBucketSampler(Sampler):
+    """Pair indices in `bucket_batches` order, `batch_size` at a time; a fresh order every epoch.
+
+    Like transformers' LengthGroupedSampler, it draws from `generator`, or from torch's global RNG when that is None
+    (which the Trainer saves in its checkpoints, so a resumed run replays the same order).
+    """
+
+    def __init__(self, buckets: Sequence[int], batch_size: int, generator: torch.Generator | None = None):
+        self.buckets = list(buckets)
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __iter__(self):
+        return iter([i for batch in bucket_batches(self.buckets, self.batch_size, self.generator) for i in batch])
+
+
 @dataclass
 class PairCollator:
     pad_token_id: int
     share_prompt: bool = True
     pad_to_multiple_of: int | None = None
+    buckets: LengthBuckets | None = None
 
     @property
     def layout(self) -> str:
         return "shared_prompt" if self.share_prompt else "separate"
 
     def _padded_length(self, longest: int) -> int:
+        if self.buckets is not None:
+            return self.buckets.width(longest)
         if self.pad_to_multiple_of:
-            return -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            return _round_up(longest, self.pad_to_multiple_of)
         return longest
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -80,6 +209,14 @@ class PairCollator:
         batch["scored_labels"] = labels.flatten()[scored]  # the token each scored position predicts
         batch["scored_pairs"] = scored // width % len(examples)  # rows are [pairs] or [chosen pairs; rejected pairs]
         batch["scored_chosen"] = chosen.flatten()[scored]  # chosen response, else rejected
+        batch["scored_rejected"] = ~batch["scored_chosen"]
+        if self.buckets is not None:
+            # Bucket padding: slots that score position 0 (a real token) against token 0 and count for neither side.
+            slots = self.buckets.scored(len(scored), len(examples)) - len(scored)
+            for key, value in (("scored_positions", 0), ("scored_labels", 0), ("scored_pairs", 0)):
+                batch[key] = torch.cat([batch[key], torch.full((slots,), value, dtype=torch.long)])
+            for key in ("scored_chosen", "scored_rejected"):
+                batch[key] = torch.cat([batch[key], torch.zeros(slots, dtype=torch.bool)])
         # Non-padding tokens per pair: what throughput counts, and the number of pairs in either layout.
         batch["pair_tokens"] = torch.tensor([len(row["input_ids"]) for row in rows]).view(-1, len(examples)).sum(0)
         # Scored tokens per response, for losses that normalise by length (IPO).
@@ -144,37 +281,122 @@ def response_token_counts(pairs) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.tensor([len(ids) for ids in columns[key]]) for key in ("chosen_ids", "rejected_ids"))
 
 
-GPU_PAD_MULTIPLE = 64
+def make_collator(
+    pad_token_id: int,
+    share_prompt: bool | None = None,
+    pad_to_multiple_of: int | None = None,
+    length_buckets: int | None = 0,
+    datasets: Sequence = (),
+    batch_size: int = 16,
+) -> PairCollator:
+    """The collator for this device; `None` settings take the device's default (see config.TrainingConfig).
 
-
-def make_collator(pad_token_id: int, share_prompt: bool, pad_to_multiple_of: int | None = None) -> PairCollator:
-    """The collator for this device: on a GPU, widths are rounded up so only a few batch shapes ever occur."""
+    With buckets, their widths and scored counts are drawn from the pairs of `datasets` (train and validation), in
+    batches of `batch_size`. Without, widths are rounded up to `pad_to_multiple_of` (64 on a GPU, exact on CPU).
+    """
+    share_prompt = default_prompt_sharing(share_prompt)
     if pad_to_multiple_of is None:
-        pad_to_multiple_of = GPU_PAD_MULTIPLE if torch.cuda.is_available() else 1
-    return PairCollator(pad_token_id, share_prompt=share_prompt, pad_to_multiple_of=pad_to_multiple_of)
+        pad_to_multiple_of = GPU_PAD_MULTIPLE if on_gpu() else 1
+    if length_buckets is None:
+        length_buckets = GPU_LENGTH_BUCKETS if on_gpu() else 0
+    buckets = None
+    if length_buckets and datasets:
+        multiple = pad_to_multiple_of if pad_to_multiple_of > 1 else CPU_BUCKET_MULTIPLE
+        lengths = [n for dataset in datasets for n in row_lengths(dataset, share_prompt)]
+        scored = [c + r for dataset in datasets for c, r in zip(*response_token_counts(dataset))]
+        buckets = plan_buckets(lengths, [int(n) for n in scored], length_buckets, multiple, batch_size)
+    return PairCollator(pad_token_id, share_prompt=share_prompt, pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
 
 
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer under the LM head, through DDP, DeepSpeed, FSDP, torch.compile and PEFT wrappers."""
+def epoch_padding(collator: PairCollator, batches: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """The share of positions and of scored-position slots that one epoch of these batches spends on padding."""
+    tokens = positions = scored = slots = 0
+    for examples in batches:
+        lengths = row_lengths(examples, collator.share_prompt)
+        rows = 1 if collator.share_prompt else 2
+        width = collator._padded_length(max(lengths))
+        tokens += sum(len(e["prompt_ids"]) * rows + len(e["chosen_ids"]) + len(e["rejected_ids"]) + (rows == 1) * 1
+                      for e in examples)
+        positions += width * rows * len(examples)
+        count = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+        scored += count
+        slots += collator.buckets.scored(count, len(examples)) if collator.buckets else count
+    return {"positions": 1 - tokens / max(positions, 1), "scored": 1 - scored / max(slots, 1)}
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP, DeepSpeed, FSDP, torch.compile and PEFT wrappers."""
     model = extract_model_from_parallel(model, keep_torch_compile=False)
-    if is_peft_model(model):
-        model = model.get_base_model()
-    return model.base_model
+    return model.get_base_model() if is_peft_model(model) else model
 
 
-def _keep_scored_positions(backbone: torch.nn.Module, inputs, output):
-    # Set by `pair_logps` around its forward; None for every other call (generation, plain forwards).
-    if backbone.scored_positions is not None:
-        hidden = output.last_hidden_state
-        output.last_hidden_state = hidden.flatten(0, 1).index_select(0, backbone.scored_positions).unsqueeze(0)
-    return output
+def _logit_transform(config) -> tuple[float | None, float]:
+    """(final softcap, scale) of the logits, read from the config the way trl's `add_fused_lm_head` reads them."""
+    text = config.get_text_config()
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
+    return getattr(text, "final_logit_softcapping", None), 1.0 if scale is None else scale
 
 
-def attention_mask_for(backbone: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+@torch.compiler.disable
+def _head_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, config) -> torch.Tensor:
+    # TRL's chunked kernel (the logits never exist whole; fp32 accumulation), kept out of compiled graphs: its tiling
+    # loops and Triton launches would be traced afresh for every new count of scored positions.
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards it as a DTensor; the backbone's output is a plain tensor
+        weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+    softcap, scale = _logit_transform(config)
+    with maybe_gather_lm_head_ctx(weight, bias):
+        log_probs = ChunkedLogProbFunction.apply(
+            hidden.to(weight.device), weight, bias, labels.to(weight.device), 1.0, 32768, softcap, scale, ("log_probs",)
+        )[0]
+    return log_probs
+
+
+def _scoring_forward(self, *args, scored_positions=None, scored_labels=None, labels=None, **kwargs):
+    """The model's forward, or with `scored_positions`: log p(label) at those flat (row, position) indices only."""
+    if scored_positions is None:
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self._forward_before_scoring(*args, **kwargs)
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    kwargs["use_cache"] = False
+    hidden = self.base_model(*args, **kwargs).last_hidden_state
+    # A gather with a fixed count (bucketed), unlike a boolean mask, whose size the host must wait for.
+    hidden = hidden.flatten(0, 1).index_select(0, scored_positions)
+    return _head_log_probs(hidden, self.get_output_embeddings(), scored_labels, self.config)
+
+
+def install_scoring_head(model: torch.nn.Module) -> None:
+    """Let `model(..., scored_positions=, scored_labels=)` return per-position log-probs (see `pair_logps`).
+
+    Like TRL's fused LM head, it patches the forward of the transformers model, so calls through DDP, FSDP, PEFT and
+    torch.compile wrappers reach it. Install it before `accelerate` prepares the model (RecipeDPOTrainer does, in its
+    constructor), so that the mixed-precision autocast accelerate puts around the forward surrounds this one too.
+    """
+    inner = _unwrapped(model)
+    # Marked on the module, not the function: accelerate later replaces the forward with its autocast wrapper.
+    if getattr(inner, "_forward_before_scoring", None) is not None:
+        return
+    inner._forward_before_scoring = inner.forward
+
+    @functools.wraps(type(inner).forward)  # the original signature, which `generate` validates its kwargs against
+    def forward(self, *args, **kwargs):
+        return _scoring_forward(self, *args, **kwargs)
+
+    inner.forward = types.MethodType(forward, inner)
+
+
+def attention_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """The batch's mask in the form the model's attention implementation reads correctly."""
     if mask.dim() != 4:
         return mask  # a 2D padding mask: every implementation reads it the same way
-    implementation = backbone.config._attn_implementation
+    implementation = model.config._attn_implementation
     form = SHARED_PROMPT_MASKS.get(implementation)
     if form is None:
         raise ValueError(
@@ -190,35 +412,24 @@ def attention_mask_for(backbone: torch.nn.Module, mask: torch.Tensor) -> torch.T
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each pair's chosen and rejected response, each of shape (pairs,).
 
-    The model must carry TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`). That head projects only the
-    scored positions through the vocabulary on CUDA, but every position (prompt and padding too) elsewhere. So a
-    forward hook on the backbone hands the head the scored positions alone, as one row, on every device: on CPU this
-    halves the vocabulary projection of an hh-rlhf batch. The hook stays installed (adding and removing it per call
-    would recompile a `torch.compile`d model every step) and acts only inside this function.
+    Only the scored positions go through the LM head (`install_scoring_head`), in every layout and on every device.
+    Nothing here needs the host to wait for the device: the positions were listed by the collator, and bucket padding
+    (slots of neither side) is masked out of the sums rather than filtered.
     """
-    backbone = _backbone(model)
-    if not hasattr(backbone, "scored_positions"):
-        backbone.scored_positions = None
-        backbone.register_forward_hook(_keep_scored_positions)
-    backbone.scored_positions = batch["scored_positions"]
-    try:
-        outputs = model(
-            input_ids=batch["input_ids"],
-            attention_mask=attention_mask_for(backbone, batch["attention_mask"]),
-            position_ids=batch["position_ids"],
-            shift_labels=batch["scored_labels"].unsqueeze(0),
-            fused_lm_head=True,
-            use_cache=False,
-        )
-    finally:
-        backbone.scored_positions = None
+    install_scoring_head(model)
+    token_logps = model(
+        input_ids=batch["input_ids"],
+        attention_mask=attention_mask_for(_unwrapped(model), batch["attention_mask"]),
+        position_ids=batch["position_ids"],
+        scored_positions=batch["scored_positions"],
+        scored_labels=batch["scored_labels"],
+    )
     # Summed in float64: a response of a few hundred tokens loses ~1e-5 to fp32 rounding otherwise.
-    token_logps = outputs.log_probs.squeeze(0).double()
-    pairs, chosen = len(batch["pair_tokens"]), batch["scored_chosen"]
-    per_pair = token_logps.new_zeros(pairs)
-    return (
-        per_pair.index_add(0, batch["scored_pairs"], token_logps * chosen),
-        per_pair.index_add(0, batch["scored_pairs"], token_logps * ~chosen),
+    token_logps = token_logps.double()
+    per_pair = token_logps.new_zeros(len(batch["pair_tokens"]))
+    return tuple(
+        per_pair.index_add(0, batch["scored_pairs"], torch.where(batch[side], token_logps, 0.0))
+        for side in ("scored_chosen", "scored_rejected")
     )
 
 

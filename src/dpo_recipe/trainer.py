@@ -33,7 +33,17 @@ from .config import ConfigError, RecipeConfig
 from .data import DataReport, load_text_splits, prepare_data
 from .loss import resolve_loss
 from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
-from .packing import dataset_pair_logps, make_collator, pair_logps
+from .packing import (
+    LengthBucketSampler,
+    dataset_pair_logps,
+    epoch_padding,
+    forward_batch_size,
+    install_scoring_head,
+    make_collator,
+    on_gpu,
+    pair_logps,
+    row_lengths,
+)
 from .reference import cache_path, cached_reference_logps, with_reference_columns
 
 EPOCH_PREFIX = "epoch-"
@@ -43,7 +53,7 @@ BEST_LINK = "best"
 
 
 class DivergenceError(RuntimeError):
-    """The loss became nan or inf; raised before the optimizer step, so the last checkpoint is intact."""
+    """The loss became nan or inf. Raised at the next read of the step statistics, which comes before any save."""
 
 
 # Per-pair values gathered each step and summed; keeping sums (not per-batch means) makes every logged mean exact.
@@ -61,11 +71,20 @@ LOGGED_MEANS = {
 
 @dataclass
 class RunningTotals:
-    """Sums per window: `train` (the epoch so far), `eval` (the current evaluation), `log` (since the last log line)."""
+    """Sums per window: `train` (the epoch so far), `eval` (the current evaluation), `log` (since the last log line).
+
+    Each step's sums arrive as a tensor on the device (`record`) and are read to the host, all at once, only when
+    something reads a window (`means`, `flush`): a read in every step would make the host wait for the device every
+    step. The read is also where divergence is caught: the first non-finite step raises `DivergenceError`, naming
+    it. Every save reads first (`RecipeDPOTrainer._save_checkpoint`), so no update after a bad step is ever saved.
+    """
 
     sums: dict[str, dict[str, float]] = field(default_factory=lambda: {"train": {}, "eval": {}, "log": {}})
+    # (windows, where, sums on the device) per step not read yet
+    pending: list[tuple[tuple[str, ...], str, torch.Tensor]] = field(default_factory=list)
 
     def reset(self, window: str) -> None:
+        self.flush()
         self.sums[window] = dict.fromkeys(STAT_NAMES, 0.0)
 
     def add(self, window: str, values: list[float]) -> None:
@@ -74,7 +93,23 @@ class RunningTotals:
             totals[name] += value
         self.sums[window] = totals
 
+    def record(self, windows: tuple[str, ...], where: str, values: torch.Tensor) -> None:
+        self.pending.append((windows, where, values))
+
+    def flush(self) -> None:
+        """Read every pending step's sums, in order, into their windows; raise at the first non-finite one."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        rows = torch.stack([values for _, _, values in pending]).tolist()  # the one wait for the device
+        for (windows, where, _), values in zip(pending, rows):
+            if not all(map(_finite, values[:3])):
+                raise DivergenceError(f"loss became {values[0] / max(values[5], 1):g} at {where}")
+            for window in windows:
+                self.add(window, values)
+
     def means(self, window: str) -> dict[str, float]:
+        self.flush()
         totals = self.sums[window] or dict.fromkeys(STAT_NAMES, 0.0)
         pairs = max(totals["pairs"], 1.0)
         chosen, rejected = totals["chosen_reward"] / pairs, totals["rejected_reward"] / pairs
@@ -121,6 +156,8 @@ class RecipeDPOTrainer(DPOTrainer):
         # Hashed before TRL wraps or shards the model: sharded (DTensor) parameters cannot be read back whole.
         self._reference_key = model_fingerprint(kwargs["model"] if "model" in kwargs else args[0])
         super().__init__(*args, **kwargs)
+        # Before accelerate prepares the model, so its mixed-precision autocast surrounds the scoring forward too.
+        install_scoring_head(self.model)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # A tied LM head is saved once, as the input embedding, so its key is "missing" on every resume by design.
@@ -180,15 +217,21 @@ class RecipeDPOTrainer(DPOTrainer):
             dim=1,
         ).double()
         # Per pair, not per process: gather_for_metrics drops the pairs accelerate repeats to even out the last batch
-        # across processes, so each real pair counts once.
-        stats = self.accelerator.gather_for_metrics(per_pair).sum(dim=0).tolist()
-        if not all(map(_finite, stats[:3])):
-            where = f"optimizer step {self.state.global_step + 1}" if mode == "train" else "evaluation"
-            raise DivergenceError(f"loss became {stats[0] / max(stats[5], 1):g} at {where} (epoch {self.state.epoch or 0:.2f})")
-        self.totals.add(mode, stats)
-        if mode == "train":
-            self.totals.add("log", stats)
+        # across processes, so each real pair counts once. The sums stay on the device until a window is read.
+        stats = self.accelerator.gather_for_metrics(per_pair).sum(dim=0)
+        where = f"optimizer step {self.state.global_step + 1}" if mode == "train" else "evaluation"
+        windows = ("train", "log") if mode == "train" else ("eval",)
+        self.totals.record(windows, f"{where} (epoch {self.state.epoch or 0:.2f})", stats)
         return (loss, None) if return_outputs else loss
+
+    def _save_checkpoint(self, model, trial):
+        self.totals.flush()  # a step that diverged since the last read raises here, before anything is written
+        super()._save_checkpoint(model, trial)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self.totals.flush()
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # TRL's own `log` averages per-batch means, so a short last batch weighs as much as a full one. Per-pair
@@ -206,11 +249,17 @@ class RecipeDPOTrainer(DPOTrainer):
 
     def evaluate(self, *args, **kwargs):
         self.totals.reset("eval")
-        return super().evaluate(*args, **kwargs)
+        metrics = super().evaluate(*args, **kwargs)
+        self.totals.flush()
+        return metrics
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
+            buckets = self.data_collator.buckets
+            if buckets is not None:  # batches within length buckets: each batch's width is its bucket's
+                lengths = row_lengths(train_dataset or self.train_dataset, self.data_collator.share_prompt)
+                return LengthBucketSampler([buckets.bucket(n) for n in lengths], sampler.batch_size, sampler.generator)
             return WideLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, generator=sampler.generator)
         return sampler
 
@@ -475,6 +524,8 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
     micro, accumulation = batch_plan(config, world_size)
     training = config.training
     report_to = ["wandb"] if config.logging.wandb else []
+    forward_batch = forward_batch_size(training.eval_batch_size)
+    compile_model = on_gpu() if training.torch_compile is None else training.torch_compile
     return DPOConfig(
         output_dir=str(config.run_dir),
         run_name=config.run_name,
@@ -483,7 +534,7 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         learning_rate=training.learning_rate,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
-        per_device_eval_batch_size=training.eval_batch_size,
+        per_device_eval_batch_size=forward_batch,
         lr_scheduler_type=training.lr_scheduler,
         warmup_steps=training.warmup_ratio,
         weight_decay=training.weight_decay,
@@ -495,8 +546,13 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         # Fused AdamW needs the optimizer's tensors on an accelerator to pay off; plain AdamW elsewhere.
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         use_cpu=not torch.cuda.is_available(),
+        # On a GPU, batches are copied from pinned memory without making the host wait for the copy.
+        accelerator_config={"non_blocking": on_gpu()},
+        # transformers' own nan filter reads every step's loss on the host; the divergence guard reads at log steps.
+        logging_nan_inf_filter=False,
         **{CHECKPOINTING_ARGUMENT: training.gradient_checkpointing},
-        torch_compile=training.torch_compile,
+        torch_compile=compile_model,
+        torch_compile_mode=training.compile_mode if compile_model else None,
         eval_strategy="epoch",
         save_strategy="epoch",
         logging_steps=training.logging_steps,
@@ -506,7 +562,7 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         dataloader_num_workers=training.dataloader_num_workers,
         prediction_loss_only=True,
         precompute_ref_log_probs=True,
-        precompute_ref_batch_size=training.eval_batch_size,
+        precompute_ref_batch_size=forward_batch,
         beta=config.loss.beta,
         max_length=None,  # truncation already happened, without dropping pairs
         disable_tqdm=not sys.stderr.isatty(),
@@ -607,12 +663,18 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
             fan_in_fan_out=transposed, task_type="CAUSAL_LM",
         )
 
+    micro, _ = batch_plan(config, state.num_processes)
+    training = config.training
+    collator = make_collator(
+        tokenizer.pad_token_id, training.prompt_sharing, training.pad_to_multiple_of, training.length_buckets,
+        (data.train, data.val), micro,
+    )
     totals = RunningTotals()
     guard = InterruptGuard()
     trainer = RecipeDPOTrainer(
         model=model,
         args=dpo_arguments(config, state.num_processes, precision),
-        data_collator=make_collator(tokenizer.pad_token_id, config.training.prompt_sharing, config.training.pad_to_multiple_of),
+        data_collator=collator,
         train_dataset=data.train,
         eval_dataset=data.val,
         processing_class=tokenizer,
@@ -637,9 +699,28 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
             f"effective batch {config.training.effective_batch_size}; precision {precision}",
             flush=True,
         )
+        print(batching_line(trainer), flush=True)
         hits = ", ".join(f"{name} {'reused' if hit else 'computed'}" for name, hit in trainer.reference_cache_hits.items())
         print(f"reference log-probs: {hits} (cache {config.training.reference_cache_dir})", flush=True)
     return PreparedRun(trainer, guard, resume_from)
+
+
+def batching_line(trainer: RecipeDPOTrainer) -> str:
+    """The layout, the shapes and the padding one epoch of training batches leaves."""
+    collator = trainer.data_collator
+    dataset = trainer.train_dataset
+    with torch.random.fork_rng(devices=[]):  # the sampler draws from torch's RNG: training must not see this draw
+        order = list(trainer._get_train_sampler(dataset))
+    size = trainer.args.per_device_train_batch_size
+    batches = [[dataset[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+    padding = epoch_padding(collator, batches)
+    if collator.buckets is None:
+        shapes = "exact widths" if collator.pad_to_multiple_of in (None, 1) else f"widths rounded up to {collator.pad_to_multiple_of}"
+    else:
+        shapes = (f"length buckets: widths {list(collator.buckets.widths)}, scored positions per pair "
+                  f"{list(collator.buckets.scored_per_pair)}")
+    return (f"batches: {collator.layout.replace('_', ' ')} layout, {shapes}; padding {padding['positions']:.1%} of "
+            f"positions, {padding['scored']:.1%} of scored-position slots (one epoch)")
 
 
 def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> int:
