@@ -4,7 +4,10 @@ import argparse
 import shlex
 import sys
 
+import yaml
+
 from dpo_recipe.benchmark import MODEL_SHAPES, REAL_DATA, TRAINERS, BenchSettings, run_benchmark
+from dpo_recipe.config import TrainingConfig
 
 
 def main() -> int:
@@ -21,8 +24,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument(
         "--eval-batch-size", type=int, default=defaults.eval_batch_size,
-        help="pairs per batch for evaluation and the reference passes, for every trainer",
+        help="pairs per batch for evaluation and the reference passes, for every trainer; 0: ours takes its device "
+        "default (training.eval_batch_size: null), plain TRL the training batch",
     )
+    parser.add_argument("--beta", type=float, default=defaults.beta)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--tokenizer-vocab-size", type=int, default=defaults.tokenizer_vocab_size)
     parser.add_argument(
         "--baselines", nargs="*", choices=TRAINERS[1:], default=list(defaults.baselines),
@@ -33,16 +39,38 @@ def main() -> int:
         help="runs per trainer, interleaved; the fastest is reported (default: %(default)s)",
     )
     parser.add_argument("--agreement-steps", type=int, default=defaults.agreement_steps, help="0 skips the check")
+    parser.add_argument(
+        "--ours-set", action="append", default=[], metavar="KEY=VALUE",
+        help="a training.* setting for ours beyond its device defaults (YAML value), e.g. length_buckets=5",
+    )
+    parser.add_argument(
+        "--also-uncompiled", action="store_true", help="also run ours with torch.compile off, after the agreement check"
+    )
+    parser.add_argument(
+        "--profile-steps", type=int, default=defaults.profile_steps,
+        help="training steps profiled after each timed run, for the device kernel time per step (0: none)",
+    )
     parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s, to report MFU")
     parser.add_argument("--output", default=defaults.output, help="results markdown file")
     args = parser.parse_args()
+    ours_training = {}
+    for setting in args.ours_set:
+        key, _, value = setting.partition("=")
+        if key not in TrainingConfig.__dataclass_fields__ or not value:
+            parser.error(f"--ours-set {setting!r}: expected KEY=VALUE with KEY a training setting")
+        ours_training[key] = yaml.safe_load(value)
     settings = BenchSettings(
         size=args.size,
         data=None if args.synthetic else args.data,
         train_pairs=args.train_pairs,
         eval_pairs=args.eval_pairs,
         epochs=args.epochs,
-        eval_batch_size=args.eval_batch_size,
+        eval_batch_size=args.eval_batch_size or None,
+        beta=args.beta,
+        learning_rate=args.learning_rate,
+        ours_training=ours_training,
+        also_uncompiled=args.also_uncompiled,
+        profile_steps=args.profile_steps,
         tokenizer_vocab_size=args.tokenizer_vocab_size,
         baselines=tuple(args.baselines),
         agreement_steps=args.agreement_steps,

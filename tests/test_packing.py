@@ -232,7 +232,12 @@ def test_bucket_plan_covers_the_data_with_few_shapes():
     assert all(plan.widths[b] >= n for b, n in zip(buckets, lengths))
     # Every batch the sampler forms fits a bucket: its width and its scored-position count are bucket values.
     for seed in range(3):
-        for batch in bucket_batches(buckets, 16, torch.Generator().manual_seed(100 + seed)):
+        batches = bucket_batches(buckets, 16, torch.Generator().manual_seed(100 + seed))
+        assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+        assert all(len(batch) == 16 for batch in batches[:-1])  # only the last is short: the rest stay aligned
+        assert sum(len({buckets[i] for i in batch}) > 1 for batch in batches) < len(plan.widths)  # boundaries only
+        assert max(buckets[i] for i in batches[0]) == len(plan.widths) - 1  # the longest first
+        for batch in batches:
             count = sum(scored[i] for i in batch)
             assert plan.width(max(lengths[i] for i in batch)) in plan.widths
             assert plan.scored(count, len(batch)) in {-(-s * len(batch) // 64) * 64 for s in plan.scored_per_pair}

@@ -2,8 +2,10 @@
 
 Every trainer gets the same randomly initialised GPT-2 (one seed, so the same weights), the same pre-tokenized pairs,
 the same effective batch, number of optimizer steps, learning rate, device and precision:
-- `ours`: `RecipeDPOTrainer` configured as `run_training` configures it: length-grouped batches, one shared-prompt row
-  per pair, reference log-probs computed once into an on-disk cache (a cold one: its cost is inside the timing).
+- `ours`: `RecipeDPOTrainer` configured as `run_training` configures it on this device (on CPU: length-grouped batches,
+  one shared-prompt row per pair; on a GPU: length buckets, separate rows, torch.compile, forward passes at batch 128),
+  reference log-probs computed once into an on-disk cache (a cold one: its cost, and any compilation, are timed).
+- `ours_uncompiled` (on request): the same with `training.torch_compile: false`, to show what compilation buys.
 - `trl`: plain `trl.DPOTrainer` with its defaults, gradient checkpointing off; the reference model runs every step.
 - `trl_precompute`: the same with `precompute_ref_log_probs=True` (reference log-probs once, before training).
 Plain TRL is subclassed only to skip `_prepare_dataset`, because the pairs arrive tokenized; its compute path is TRL's.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import multiprocessing
 import os
 import platform
@@ -27,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from .config import DataConfig, LossConfig, RecipeConfig, TrainingConfig
 from .data import DataReport, PreferencePair, read_pairs, split_dialogue, tokenize_pairs
 from .synthetic import hh_length_rows
@@ -34,6 +39,7 @@ from .synthetic import hh_length_rows
 # The pairs the issue measured; `make bench` runs from the repository root, next to ../shared.
 REAL_DATA = Path("../shared/data/hh-rlhf-harmless-base-1812.jsonl.gz")
 TRAINERS = ("ours", "trl", "trl_precompute")
+OURS = ("ours", "ours_uncompiled")
 MODEL_SHAPES = {
     # Small enough for a 2-core CPU. With the default 2048-token vocabulary the LM head is ~1/7 of the FLOPs per
     # position: about its share in GPT-2 124M, whose 50257-word head projects only the ~40% of positions that are
@@ -43,7 +49,7 @@ MODEL_SHAPES = {
     "124m": {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024},
 }
 # In fp32 the two trainers compute the same sums in a different order; bf16 keeps only ~3 significant digits.
-LOSS_TOLERANCE = {"fp32": 1e-4}
+LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}
 
 
 @dataclass
@@ -54,15 +60,22 @@ class BenchSettings:
     eval_pairs: int = 300  # the study's validation set: 10% of 3000 pairs
     epochs: int = 2
     batch_size: int = 16
-    # The study's batch, for evaluation and the one-off reference passes (ours and trl_precompute) alike. On the
-    # 2-core CPU, 32 pairs per forward ran our reference pass 1.6x slower than 16: larger activations fall out of cache.
-    eval_batch_size: int = 16
+    # Pairs per batch for evaluation and the one-off reference passes. On the 2-core CPU, 32 pairs per forward ran
+    # our reference pass 1.6x slower than 16 (larger activations fall out of cache), so `make bench` uses 16 for every
+    # trainer. None: ours takes its device default (`training.eval_batch_size: null`, 128 on a GPU) and plain TRL
+    # the training batch.
+    eval_batch_size: int | None = 16
     max_length: int = 256
     tokenizer_vocab_size: int = 2048
     learning_rate: float = 1e-4
     beta: float = 0.1
     seed: int = 42
     baselines: tuple[str, ...] = ("trl", "trl_precompute")
+    # TrainingConfig settings for ours beyond the device defaults, e.g. {"length_buckets": 5} to rehearse the GPU
+    # path on CPU.
+    ours_training: dict[str, Any] = field(default_factory=dict)
+    also_uncompiled: bool = False  # also run ours with torch.compile off (`ours_uncompiled`), after the agreement check
+    profile_steps: int = 5  # training steps profiled after the timed run, for the device kernel time per step
     agreement_steps: int = 5
     # Each trainer runs this many times, interleaved, and its fastest run is reported: on a shared machine other
     # work only ever slows a run down (here two runs of the same trainer took 71.0 s and 88.6 s).
@@ -88,6 +101,7 @@ class Job:
     max_steps: int = -1
     logging_steps: int = 10
     evaluate: bool = False
+    torch_compile: bool | None = None  # ours only; None: the device default
 
 
 
@@ -107,6 +121,11 @@ class RunResult:
     eval_seconds: float | None = None
     eval_pairs: int = 0
     run_seconds: list[float] = field(default_factory=list)  # every run of this trainer, when it ran more than once
+    epoch_scored: int = 0  # scored positions in one epoch of ours' batches
+    epoch_scored_slots: int = 0  # the LM head's slots for them, bucket padding included
+    step_seconds: float | None = None  # median wall time between optimizer steps in the last epoch
+    kernel_ms: float | None = None  # device kernel time per profiled training step (CUDA only)
+    eval_batch_size: int = 0
 
     @property
     def pairs_per_s(self) -> float:
@@ -119,6 +138,10 @@ class RunResult:
     @property
     def padding(self) -> float:
         return 1 - self.epoch_tokens / self.epoch_positions
+
+    @property
+    def scored_padding(self) -> float | None:
+        return 1 - self.epoch_scored / self.epoch_scored_slots if self.epoch_scored_slots else None
 
     def mfu(self, epochs: int, peak_flops: float | None) -> float | None:
         """6·N·(training tokens) + 2·N·(reference-forward tokens), over the time, over the peak."""
@@ -203,6 +226,7 @@ def _recipe_trainer(job: Job, settings: BenchSettings, model, tokenizer, train, 
             group_by_length=job.group_by_length,
             logging_steps=job.logging_steps,
             reference_cache_dir=os.path.join(work, "reference_cache"),  # empty: the reference pass is paid here
+            **{**settings.ours_training, **({} if job.torch_compile is None else {"torch_compile": job.torch_compile})},
         ),
         loss=LossConfig(beta=settings.beta),
     )
@@ -211,10 +235,15 @@ def _recipe_trainer(job: Job, settings: BenchSettings, model, tokenizer, train, 
         dpo_arguments(config, 1, precision),
         eval_strategy="no", save_strategy="no", max_steps=job.max_steps, disable_tqdm=True,
     )
+    training = config.training
+    collator = make_collator(
+        tokenizer.pad_token_id, training.prompt_sharing, training.pad_to_multiple_of, training.length_buckets,
+        (train,), settings.batch_size,
+    )
     return RecipeDPOTrainer(
         model=model,
         args=args,
-        data_collator=make_collator(tokenizer.pad_token_id, config.training.prompt_sharing, config.training.pad_to_multiple_of),
+        data_collator=collator,
         train_dataset=train,
         processing_class=tokenizer,
         loss_fn=resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha),
@@ -239,7 +268,7 @@ def _trl_trainer(job: Job, settings: BenchSettings, model, reference, tokenizer,
         max_steps=job.max_steps,
         learning_rate=settings.learning_rate,
         per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.eval_batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size or settings.batch_size,
         seed=settings.seed,
         data_seed=settings.seed,
         beta=settings.beta,
@@ -257,14 +286,67 @@ def _trl_trainer(job: Job, settings: BenchSettings, model, reference, tokenizer,
     )
 
 
-def _epoch_positions(trainer) -> tuple[int, int]:
-    """(non-pad, all) positions in one epoch of the trainer's own train batches."""
-    real = total = 0
+def _epoch_positions(trainer) -> tuple[int, int, int, int]:
+    """(non-pad positions, all positions, scored positions, scored-position slots) in one epoch of the trainer's own
+    train batches; the last two for ours only (TRL's head takes every position)."""
+    real = total = scored = slots = 0
     for batch in trainer.get_train_dataloader():
         tokens = batch["pair_tokens"] if "pair_tokens" in batch else batch["attention_mask"]
         real += int(tokens.sum())
         total += batch["input_ids"].numel()
-    return real, total
+        if "scored_positions" in batch:
+            scored += int((batch["scored_chosen"] | batch["scored_rejected"]).sum())
+            slots += len(batch["scored_positions"])
+    return real, total, scored, slots
+
+
+class StepClock(TrainerCallback):
+    """Wall time at each optimizer step's end. No device synchronisation: that would add the very waits being
+    removed. Over many steps the host can run only a bounded queue ahead of the device, so the median interval is the
+    steady step time whichever of the two sets the pace."""
+
+    def __init__(self):
+        self.stamps: list[tuple[float, float]] = []  # (epoch, time)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stamps.append((state.epoch, time.perf_counter()))
+
+    def steady_step(self) -> float | None:
+        last_epoch = math.ceil(self.stamps[-1][0] - 1e-9) if self.stamps else 0
+        times = [t for epoch, t in self.stamps if epoch > last_epoch - 1 + 1e-9]
+        intervals = sorted(b - a for a, b in zip(times, times[1:]))
+        return intervals[len(intervals) // 2] if intervals else None
+
+
+def device_kernel_ms(trainer, steps: int) -> float | None:
+    """Device kernel time per training step, from torch.profiler over `steps` steps after two warm ones (CUDA only;
+    on CPU the steps still run, so a rehearsal exercises this code). The model is trained further: call it last."""
+    import itertools
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    model = trainer.model_wrapped
+    model.train()
+    batches = list(itertools.islice(iter(trainer.get_train_dataloader()), steps + 2))
+
+    def step(batch):
+        trainer.training_step(model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+
+    for batch in batches[:2]:
+        step(batch)
+    _synchronize()
+    with torch.profiler.profile(activities=activities) as profile:
+        for batch in batches[2:]:
+            step(batch)
+        _synchronize()
+    if not cuda:
+        return None
+    busy = sum(event.self_device_time_total for event in profile.key_averages()) / 1e3
+    return busy / max(len(batches) - 2, 1)
 
 
 class PeakMemory:
@@ -316,16 +398,18 @@ def run_job(job: Job, settings: BenchSettings, data: BenchData) -> RunResult:
         start = time.perf_counter()
         # Plain TRL keeps a second model for its reference; a copy of the same weights, counted in its time and memory.
         reference = copy.deepcopy(model) if job.trainer == "trl" else None
-        if job.trainer == "ours":
+        if job.trainer in OURS:
             trainer = _recipe_trainer(job, settings, model, data.tokenizer, train, precision, work)
         else:
             trainer = _trl_trainer(job, settings, model, reference, data.tokenizer, train, precision, work)
         trainer.remove_callback(PrinterCallback)  # log lines would interleave with the benchmark's output
+        clock = StepClock()
+        trainer.add_callback(clock)
         trainer.train()
         _synchronize()
         seconds = time.perf_counter() - start
         peak = memory.peak()
-        epoch_tokens, epoch_positions = _epoch_positions(trainer)
+        epoch_tokens, epoch_positions, epoch_scored, epoch_scored_slots = _epoch_positions(trainer)
         epochs = trainer.state.epoch or 0
         result = RunResult(
             seconds=seconds,
@@ -340,6 +424,10 @@ def run_job(job: Job, settings: BenchSettings, data: BenchData) -> RunResult:
             parameters=sum(p.numel() for p in model.parameters()),
             peak_memory=peak,
             losses=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            epoch_scored=epoch_scored,
+            epoch_scored_slots=epoch_scored_slots,
+            step_seconds=clock.steady_step(),
+            eval_batch_size=trainer.args.per_device_eval_batch_size,
         )
         if job.evaluate:
             if trainer.ref_model is None:
@@ -355,6 +443,8 @@ def run_job(job: Job, settings: BenchSettings, data: BenchData) -> RunResult:
             _synchronize()
             result.eval_seconds = time.perf_counter() - start
             result.eval_pairs = len(evaluation)
+        if job.max_steps < 0 and settings.profile_steps:
+            result.kernel_ms = device_kernel_ms(trainer, settings.profile_steps)
     return result
 
 
@@ -444,30 +534,65 @@ def run_benchmark(settings: BenchSettings) -> int:
 
     jobs = [Job("ours", evaluate=True)] + [Job(name, evaluate=name == "trl") for name in settings.baselines]
     runs: dict[str, list[RunResult]] = {job.trainer: [] for job in jobs}
+    failures: list[str] = []
+    agreement: list[str] = []
+
+    def write() -> None:
+        # After every run, so a run cut short (a device's time limit) still leaves what it measured.
+        if settings.output:
+            results = {name: fastest(trainer_runs) for name, trainer_runs in runs.items() if trainer_runs}
+            table = summary_table(results, settings) if "ours" in results else []
+            write_results(
+                Path(settings.output), settings, machine, data, stats, precision, device, table, agreement, failures
+            )
+
+    def attempt(job: Job, label: str) -> RunResult | None:
+        try:
+            return run_in_fresh_process(job, settings, data)
+        except Exception as error:  # one failed trainer must not cost the others' measurements
+            failures.append(f"{label}: {type(error).__name__}: {error}")
+            print(f"  FAILED: {failures[-1]}", flush=True)
+            return None
+
     for repeat in range(1, settings.repeats + 1):
         for job in jobs:
             print(f"running {job.trainer} (run {repeat} of {settings.repeats}) ...", flush=True)
-            result = run_in_fresh_process(job, settings, data)
+            result = attempt(job, f"{job.trainer} run {repeat}")
+            if result is None:
+                continue
             runs[job.trainer].append(result)
             evaluation = f", evaluation {result.eval_seconds:.1f} s" if result.eval_seconds else ""
             print(f"  {result.seconds:.1f} s, {result.pairs_per_s:.2f} pairs/s, {result.steps} steps{evaluation}", flush=True)
-    results = {name: fastest(trainer_runs) for name, trainer_runs in runs.items()}
-    agreement: list[str] = []
+            write()
     agreed = True
     if settings.agreement_steps:
         print("loss agreement: ours with length grouping off (the same sampler and order as TRL) vs plain TRL ...")
         steps = settings.agreement_steps
-        ours = run_in_fresh_process(Job("ours", group_by_length=False, max_steps=steps, logging_steps=1), settings, data)
-        trl = run_in_fresh_process(Job("trl", max_steps=steps, logging_steps=1), settings, data)
-        agreement, agreed = agreement_check(ours, trl, precision)
-        print("\n".join(agreement))
+        # Uncompiled: the check is of the arithmetic (test_gpu_path shows compiled and eager runs agree), and a
+        # 5-step run would spend most of its time compiling.
+        ours_job = Job("ours", group_by_length=False, max_steps=steps, logging_steps=1, torch_compile=False)
+        ours = attempt(ours_job, "agreement, ours")
+        trl = attempt(Job("trl", max_steps=steps, logging_steps=1), "agreement, trl")
+        if ours is not None and trl is not None:
+            agreement, agreed = agreement_check(ours, trl, precision)
+            print("\n".join(agreement))
+        else:
+            agreed = False
+        write()
+    if settings.also_uncompiled:
+        print("running ours_uncompiled (torch.compile off) ...", flush=True)
+        result = attempt(Job("ours_uncompiled", evaluate=True, torch_compile=False), "ours_uncompiled")
+        if result is not None:
+            runs["ours_uncompiled"] = [result]
+            print(f"  {result.seconds:.1f} s, {result.pairs_per_s:.2f} pairs/s, {result.steps} steps", flush=True)
+        write()
 
-    table = summary_table(results, settings)
-    print("\n" + "\n".join(table))
+    results = {name: fastest(trainer_runs) for name, trainer_runs in runs.items() if trainer_runs}
+    if "ours" in results:
+        print("\n" + "\n".join(summary_table(results, settings)))
     if settings.output:
-        write_results(Path(settings.output), settings, machine, data, stats, precision, device, table, agreement)
         print(f"\nwrote {settings.output}")
-    return 0 if agreed else 1
+    return 0 if agreed and not failures else 1
 
 
 def fastest(runs: list[RunResult]) -> RunResult:
@@ -482,13 +607,18 @@ def fastest(runs: list[RunResult]) -> RunResult:
     )
 
 
+def _optional(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
 def summary_table(results: dict[str, RunResult], settings: BenchSettings) -> list[str]:
     ours = results["ours"]
     show_mfu = settings.peak_flops is not None
     header = (
-        "| trainer | time (s) | pairs/s | real tokens/s | positions/pair | padding | peak memory | eval pairs/s |"
+        "| trainer | time (s) | pairs/s | real tokens/s | positions/pair | padding | head padding | steady step (ms) "
+        "| kernel time/step (ms) | peak memory | eval batch | eval pairs/s |"
     )
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     if show_mfu:
         header, rule = header + " MFU |", rule + "---:|"
     lines = [header, rule]
@@ -496,7 +626,9 @@ def summary_table(results: dict[str, RunResult], settings: BenchSettings) -> lis
         eval_rate = f"{result.eval_pairs / result.eval_seconds:.2f}" if result.eval_seconds else "-"
         row = (
             f"| {name} | {result.seconds:.1f} | {result.pairs_per_s:.2f} | {result.data_tokens / result.seconds:,.0f} "
-            f"| {result.positions_per_pair:.0f} | {result.padding:.1%} | {_memory(result)} | {eval_rate} |"
+            f"| {result.positions_per_pair:.0f} | {result.padding:.1%} | {_optional(result.scored_padding, '.1%')} "
+            f"| {_optional(result.step_seconds and result.step_seconds * 1e3, '.1f')} "
+            f"| {_optional(result.kernel_ms, '.1f')} | {_memory(result)} | {result.eval_batch_size or '-'} | {eval_rate} |"
         )
         if show_mfu:
             row += f" {result.mfu(settings.epochs, settings.peak_flops):.1%} |"
@@ -525,7 +657,7 @@ def summary_table(results: dict[str, RunResult], settings: BenchSettings) -> lis
 
 
 def write_results(
-    path: Path, settings, machine, data: BenchData, stats, precision: str, device: str, table, agreement
+    path: Path, settings, machine, data: BenchData, stats, precision: str, device: str, table, agreement, failures=()
 ) -> None:
     memory_kind = (
         "CUDA `max_memory_allocated` (weights, optimizer state and activations)"
@@ -551,19 +683,31 @@ def write_results(
         f"the same weights, for every trainer), {device}, {precision}.",
         f"- Training: effective batch {settings.batch_size}, {settings.epochs} epochs, lr {settings.learning_rate}, "
         f"beta {settings.beta}, seed {settings.seed}; the same number of optimizer steps for every trainer. Time is "
-        f"trainer construction plus `train()`: reference passes (batch {settings.eval_batch_size}; ours into an empty "
-        "cache directory) are included.",
-        "- Trainers: `ours` = `RecipeDPOTrainer` as `run_training` sets it up (length-grouped batches, shared-prompt "
-        "rows, cached reference log-probs, LM head over the scored positions only). `trl` = plain `trl.DPOTrainer` 1.16 with its defaults and gradient "
+        "trainer construction plus `train()`: reference passes (at the eval batch of the table; ours into an empty "
+        "cache directory) and any compilation and warm-up are included.",
+        "- Trainers: `ours` = `RecipeDPOTrainer` as `run_training` sets it up on this device ("
+        + (
+            "length buckets, separate rows, torch.compile, reference and evaluation at the forward batch of "
+            "`training.eval_batch_size: null`"
+            if device == "cuda"
+            else "length-grouped batches, shared-prompt rows"
+        )
+        + "; cached reference log-probs, LM head over the scored positions only). `ours_uncompiled` = the same with "
+        "torch.compile off. `trl` = plain `trl.DPOTrainer` 1.16 with its defaults and gradient "
         "checkpointing off (reference model run at every step). `trl_precompute` = the same with "
         "`precompute_ref_log_probs=True`. Plain TRL is subclassed only to skip `_prepare_dataset`, so it takes the "
-        "same pre-tokenized `prompt_ids/chosen_ids/rejected_ids`; its compute path is TRL's own.",
+        "same pre-tokenized `prompt_ids/chosen_ids/rejected_ids`; its compute path is TRL's own."
+        + (f" Ours' settings beyond its device defaults: `{settings.ours_training}`." if settings.ours_training else ""),
+        "- Padding: share of the positions of one epoch of training batches that are padding. Head padding (ours): "
+        "share of the LM head's scored-position slots that are bucket padding. Steady step: median wall time between "
+        "optimizer steps in the last epoch, without device synchronisation. Kernel time/step: device kernel time per "
+        f"training step from torch.profiler over {settings.profile_steps} steps after the timed run (CUDA only).",
         "- Real tokens/s counts each pair's non-pad tokens as [prompt, chosen] + [prompt, rejected], the same for "
         "every trainer (work done, not positions computed). Positions/pair and padding come from one epoch of each "
         "trainer's own training batches (ours: one row per pair, holding the prompt once; TRL: two rows per pair).",
         f"- Peak memory: {memory_kind}.",
-        f"- Evaluation: `trainer.evaluate()` on the {settings.eval_pairs} evaluation pairs after training, "
-        f"batch {settings.eval_batch_size}, both scored against the initial weights: plain TRL runs its reference "
+        f"- Evaluation: `trainer.evaluate()` on the {settings.eval_pairs} evaluation pairs after training, at the "
+        "eval batch of the table, both scored against the initial weights: plain TRL runs its reference "
         "model next to the policy; ours first fills its reference cache (cold), then scores the policy.",
     ]
     if settings.peak_flops:
@@ -573,6 +717,8 @@ def write_results(
             "(ours: prompt once per pair; trl: reference every step; precompute variants: reference once)."
         )
     lines += ["", "## Results", "", *table]
+    if failures:
+        lines += ["", "## Runs that failed", "", *(f"- {failure}" for failure in failures)]
     if agreement:
         lines += [
             "",

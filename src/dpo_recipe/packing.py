@@ -19,6 +19,7 @@ handful of shapes, so attention plans and compiled graphs are built once per buc
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import math
@@ -100,44 +101,63 @@ class LengthBuckets:
         return _round_up(per_pair * pairs if per_pair else count, self.multiple)
 
 
-def _quantile_ladder(values: Sequence[float], count: int, multiple: int) -> tuple[int, ...]:
+def _least_padding_ladder(values: Sequence[float], count: int, step: int) -> tuple[int, ...]:
+    """At most `count` multiples of `step`, the largest holding max(values), that minimise the total padding
+    sum(smallest ladder value >= v, minus v) over the values (dynamic programming over the candidate multiples)."""
     ordered = sorted(values)
-    picks = [ordered[max(0, math.ceil(len(ordered) * k / count) - 1)] for k in range(1, count + 1)]
-    return tuple(sorted({_round_up(math.ceil(v), multiple) for v in picks}))
+    candidates = list(range(_round_up(math.ceil(ordered[0]), step), _round_up(math.ceil(ordered[-1]), step) + 1, step))
+    prefix = [0.0]
+    for value in ordered:
+        prefix.append(prefix[-1] + value)
+    held = [bisect.bisect_right(ordered, c) for c in candidates]  # values <= each candidate
+
+    def cost(low: int, high: int) -> float:  # values in (candidates[low], candidates[high]] padded to the latter
+        start = held[low] if low >= 0 else 0
+        return candidates[high] * (held[high] - start) - (prefix[held[high]] - prefix[start])
+
+    best = {(1, j): (cost(-1, j), (j,)) for j in range(len(candidates))}
+    for k in range(2, count + 1):
+        for j in range(len(candidates)):
+            options = [(best[k - 1, i][0] + cost(i, j), best[k - 1, i][1] + (j,)) for i in range(j)]
+            best[k, j] = min(options, default=best[k - 1, j])
+    last = len(candidates) - 1
+    _, picks = min(best[k, last] for k in range(1, count + 1))
+    return tuple(candidates[i] for i in picks)
 
 
 def plan_buckets(
     lengths: Sequence[int], scored: Sequence[int], count: int, multiple: int, batch_size: int, seed: int = 0
 ) -> LengthBuckets:
-    """`count` width buckets at the quantiles of the row lengths, rounded up to `multiple`, the last holding the
-    longest row; and `count` scored-per-pair buckets at the quantiles of the mean scored positions per pair of the
-    batches `LengthBucketSampler` forms from these pairs (simulated over a few epochs: the first covers them all)."""
-    widths = _quantile_ladder(lengths, count, multiple)
+    """At most `count` row widths (multiples of `multiple`) that pad the data's rows least, the last holding the
+    longest; and at most `count` scored-per-pair counts that pad least the batches `LengthBucketSampler` forms from
+    these pairs (simulated over a few epochs; a batch beyond them all is rounded up to `multiple` instead)."""
+    widths = _least_padding_ladder(lengths, count, multiple)
     plan = LengthBuckets(widths, (), multiple)
     generator = torch.Generator().manual_seed(seed)
     means = []
     for _ in range(8):
         for batch in bucket_batches([plan.bucket(n) for n in lengths], batch_size, generator):
             means.append(sum(scored[i] for i in batch) / len(batch))
-    return LengthBuckets(widths, _quantile_ladder(means, count, 1), multiple)
+    return LengthBuckets(widths, _least_padding_ladder(means, count, 1), multiple)
 
 
 def bucket_batches(buckets: Sequence[int], batch_size: int, generator: torch.Generator | None) -> list[list[int]]:
-    """One epoch of batches formed within buckets: each bucket's pairs shuffled, the buckets laid end to end and cut
-    into batches, so only a batch on a boundary mixes two buckets (and takes the wider one's width), and at most one
-    batch is short. The batch of the longest bucket with the most pairs comes first, so an out-of-memory shows at
-    step one; the others follow in random order."""
+    """One epoch of batches formed within buckets: each bucket's pairs shuffled, the buckets laid end to end, longest
+    first, and cut into batches, so only a batch on a boundary mixes two buckets (taking the wider one's width). The
+    first batch, of the longest bucket, stays first, so an out-of-memory shows at step one; the short one, if any,
+    stays last, so every other batch is whole; those between come in random order."""
     members: dict[int, list[int]] = {}
     for index, bucket in enumerate(buckets):
         members.setdefault(bucket, []).append(index)
     order = []
-    for bucket in sorted(members):
+    for bucket in sorted(members, reverse=True):
         pairs = members[bucket]
         order += [pairs[i] for i in torch.randperm(len(pairs), generator=generator).tolist()]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    first = max(range(len(batches)), key=lambda b: (max(buckets[i] for i in batches[b]), len(batches[b])))
-    rest = [b for b in range(len(batches)) if b != first]
-    return [batches[first]] + [batches[rest[i]] for i in torch.randperm(len(rest), generator=generator).tolist()]
+    if len(batches) <= 2:
+        return batches
+    middle = batches[1:-1]
+    return [batches[0], *(middle[i] for i in torch.randperm(len(middle), generator=generator).tolist()), batches[-1]]
 
 
 class LengthBucketSampler(Sampler):

@@ -547,6 +547,7 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         use_cpu=not torch.cuda.is_available(),
         # On a GPU, batches are copied from pinned memory without making the host wait for the copy.
+        dataloader_pin_memory=on_gpu(),
         accelerator_config={"non_blocking": on_gpu()},
         # transformers' own nan filter reads every step's loss on the host; the divergence guard reads at log steps.
         logging_nan_inf_filter=False,
