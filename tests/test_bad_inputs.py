@@ -149,7 +149,7 @@ BAD_LINES = [
         json.dumps({"chosen": PROMPT + " Boil it.", "rejected": "\n\nHuman: Other?\n\nAssistant: No."}).encode(),
         "prompt_mismatch",
     ),
-    (json.dumps({"chosen": PROMPT + " Boil it.", "rejected": PROMPT}).encode(), "empty_response"),
+    (json.dumps({"chosen": PROMPT + " ", "rejected": PROMPT}).encode(), "identical"),  # both responses empty
     ('{"chosen": "caf\u00e9", "rejected": "x"}'.encode("latin-1"), "invalid_utf8"),
 ]
 

@@ -34,11 +34,13 @@ DROP_REASONS = {
     "missing_field": "'chosen' or 'rejected' is missing",
     "non_string_field": "'chosen' or 'rejected' is not a string",
     "empty_text": "'chosen' or 'rejected' is empty",
-    "identical": "chosen equals rejected",
+    "identical": "chosen equals rejected, or both responses are empty",
     "no_assistant_marker": "no '\\n\\nAssistant:' marker",
     "prompt_mismatch": "chosen and rejected have different prompts",
-    "empty_response": "a response after the last shared '\\n\\nAssistant:' is empty",
 }
+# Kept, but counted: a rater may prefer saying nothing (hh-rlhf harmless-base has such pairs). As in TRL, the empty
+# response is scored as its end-of-sequence token alone.
+EMPTY_RESPONSE_NOTE = "a response is empty; kept, scored as its end-of-sequence token alone"
 
 
 class DataError(ValueError):
@@ -68,6 +70,14 @@ class DataReport:
     dropped_examples: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     truncated: dict[str, dict[str, int]] = field(default_factory=dict)
     pairs: dict[str, int] = field(default_factory=dict)
+    empty_response_kept: dict[str, int] = field(default_factory=dict)
+    empty_response_examples: dict[str, list[int]] = field(default_factory=dict)
+
+    def record_empty_response(self, source: str, index: int) -> None:
+        self.empty_response_kept[source] = self.empty_response_kept.get(source, 0) + 1
+        examples = self.empty_response_examples.setdefault(source, [])
+        if len(examples) < EXAMPLE_LINES_PER_REASON:
+            examples.append(index)
 
     def record_drop(self, source: str, reason: str, index: int) -> None:
         counts = self.dropped.setdefault(source, defaultdict(int))
@@ -87,6 +97,10 @@ class DataReport:
             for reason, count in sorted(dropped.items()):
                 where = ", ".join(map(str, self.dropped_examples[source][reason]))
                 lines.append(f"  dropped {count:>5}  {reason}: {DROP_REASONS[reason]} (first at {where})")
+            if self.empty_response_kept.get(source):
+                where = ", ".join(map(str, self.empty_response_examples[source]))
+                count = self.empty_response_kept[source]
+                lines.append(f"  kept    {count:>5}  empty_response: {EMPTY_RESPONSE_NOTE} (first at {where})")
         for split, kinds in self.truncated.items():
             parts = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
             lines.append(f"{split}: {self.pairs.get(split, 0)} pairs; truncated: {parts}")
@@ -113,9 +127,14 @@ def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
     if HUMAN_MARKER in chosen_response or HUMAN_MARKER in rejected_response:
         # The two sides diverge before their last turn: they answer different conversations.
         raise BadRow("prompt_mismatch")
-    if not chosen_response.strip() or not rejected_response.strip():
-        raise BadRow("empty_response")
-    return prompt, chosen_response, rejected_response
+    if not chosen_response.strip() and not rejected_response.strip():
+        raise BadRow("identical")  # two empty answers: nothing to prefer
+    # One empty (or whitespace-only) response is kept as "": tokenized, it is the end-of-sequence token alone.
+    return prompt, _empty_if_blank(chosen_response), _empty_if_blank(rejected_response)
+
+
+def _empty_if_blank(response: str) -> str:
+    return response if response.strip() else ""
 
 
 def _parse_row(row: Any) -> tuple[str, str, str]:
@@ -189,6 +208,8 @@ def read_pairs(source: str, split: str, config: DataConfig, report: DataReport) 
                 raise DataError(f"{name}:{index}: {DROP_REASONS[bad.reason]} (strict mode)") from None
             report.record_drop(name, bad.reason, index)
             continue
+        if not chosen or not rejected:
+            report.record_empty_response(name, index)
         pairs.append(PreferencePair(index, prompt, chosen, rejected))
     report.rows_read[name] = read
     if read == 0:
@@ -269,6 +290,9 @@ def tokenize_pairs(
     from datasets import Dataset
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not eos and any(not pair.chosen or not pair.rejected for pair in pairs):
+        empty = next(pair.index for pair in pairs if not pair.chosen or not pair.rejected)
+        raise DataError(f"{split} pair {empty}: a response is empty and the tokenizer has no end-of-sequence token to score it")
 
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []

@@ -437,6 +437,8 @@ def as_dialogue(prompt: str, response: str) -> tuple[str, str]:
         if HUMAN_MARKER.strip() not in prompt:
             prompt = f"{HUMAN_MARKER} {prompt.strip()}"
         prompt += ASSISTANT_MARKER
+    if not response.strip():
+        return prompt, ""  # an empty response is scored as end-of-sequence alone, as in training
     if response[:1] not in (" ", "\n"):
         response = " " + response
     return prompt, response
@@ -457,9 +459,11 @@ def read_rank_triples(path: str | Path) -> list[dict[str, str]]:
             raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected an object with keys {', '.join(RANK_KEYS)}")
-        for key in RANK_KEYS:
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(f"{path}:{number}: key '{key}' must be a non-empty string")
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise DataError(f"{path}:{number}: key 'prompt' must be a non-empty string")
+        for key in RANK_KEYS[1:]:  # a response may be empty: it is then scored as end-of-sequence alone
+            if not isinstance(row.get(key), str):
+                raise DataError(f"{path}:{number}: key '{key}' must be a string")
         triples.append({key: row[key] for key in RANK_KEYS})
     if not triples:
         raise DataError(f"{path}: no pairs to rank (the file is empty)")
