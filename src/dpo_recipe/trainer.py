@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
-from transformers import PrinterCallback, TrainerCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
@@ -291,6 +292,10 @@ def _point_best_link(run_dir: Path, target: str) -> None:
 # Files in a checkpoint that only resuming reads; kept in the newest epoch alone. Optimizer state (Adam's two moments)
 # is twice the size of the weights.
 RESUME_ONLY_PREFIXES = ("optimizer", "scaler")
+TENSORBOARD_DIR = "tensorboard"
+# training.best_metric as transformers logs it, and whether larger is better.
+BEST_METRIC_LOGGED = {"loss": ("eval_loss", False), "accuracy": ("eval_rewards/accuracies", True),
+                      "margin": ("eval_rewards/margins", True)}  # fmt: skip
 
 
 class EpochRecorder(TrainerCallback):
@@ -380,6 +385,18 @@ class StepEvaluation(TrainerCallback):
         at_epoch_end = state.epoch == int(state.epoch)
         if state.global_step % self.every == 0 and not at_epoch_end:
             control.should_evaluate = True
+
+
+class EpochEarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping, counting epochs: only epoch-end validation (which also picks `best`) counts,
+    not the passes `training.eval_steps` adds within an epoch."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pass  # the parent only warns that the best model is not reloaded at the end: the `best` link names it
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        if state.epoch == int(state.epoch):
+            super().on_evaluate(args, state, control, metrics, **kwargs)
 
 
 class LogLinePrinter(TrainerCallback):
@@ -474,7 +491,8 @@ CHECKPOINTING_ARGUMENT = (
 def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOConfig:
     micro, accumulation = batch_plan(config, world_size)
     training = config.training
-    report_to = ["wandb"] if config.logging.wandb else []
+    report_to = [target for target in config.logging.report_to if target != "jsonl"]  # metrics.jsonl is ours
+    best_metric = BEST_METRIC_LOGGED[training.best_metric]
     return DPOConfig(
         output_dir=str(config.run_dir),
         run_name=config.run_name,
@@ -498,6 +516,10 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         **{CHECKPOINTING_ARGUMENT: training.gradient_checkpointing},
         torch_compile=training.torch_compile,
         eval_strategy="epoch",
+        # What early stopping watches; only set when it is on, so a plain run keeps no second notion of "best".
+        metric_for_best_model=best_metric[0] if training.early_stopping_patience else None,
+        greater_is_better=best_metric[1] if training.early_stopping_patience else None,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter resumes where it was
         save_strategy="epoch",
         logging_steps=training.logging_steps,
         report_to=report_to,
@@ -589,7 +611,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
             _write_best(run_dir, config.training.best_metric)
     state.wait_for_everyone()
 
-    if config.logging.wandb:
+    if "wandb" in config.logging.report_to:
         os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
         os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
     peft_config = None
@@ -624,6 +646,11 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     )
     if config.training.eval_steps:
         trainer.add_callback(StepEvaluation(config.training.eval_steps))
+    if config.training.early_stopping_patience:
+        trainer.add_callback(EpochEarlyStopping(config.training.early_stopping_patience))
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:  # not under the env's choice
+            callback.logging_dir = str(run_dir / TENSORBOARD_DIR)
     if not verbose and trainer.args.disable_tqdm:
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(LogLinePrinter())
