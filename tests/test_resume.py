@@ -199,7 +199,7 @@ def test_checkpoints_hold_weights_only_as_safetensors(baseline):
     assert (baseline / "reference" / "model.safetensors").is_file()
 
 
-def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(workspace, baseline, gated_run):
+def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(workspace, baseline, gated_run, capsys):
     process, output_dir, run_dir = gated_run("killed")
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
@@ -207,6 +207,7 @@ def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(worksp
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
 
     assert run_training(_config(workspace, "killed"), resume=True) == 0
+    assert f"resuming {run_dir} from epoch-1 (step 4)" in capsys.readouterr().out
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1", "epoch-2"]
     assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2")
     assert_same_metrics(run_dir, baseline)
@@ -223,7 +224,10 @@ def test_sigint_stops_cleanly_and_the_printed_command_resumes_exactly(workspace,
     assert "Traceback" not in stderr
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
     assert not list(run_dir.glob("checkpoint-*"))  # the stopped epoch was not saved at all
-    match = re.search(r"interrupted; last complete checkpoint: (\S+)\. Resume with: .* --config (\S+) --resume", stderr)
+    # Launched as `python -m dpo_recipe train`, so resumed the same way (not through `accelerate launch`).
+    match = re.search(
+        r"interrupted; last complete checkpoint: (\S+)\. Resume with: python -m dpo_recipe train --config (\S+) --resume", stderr
+    )
     assert match, stderr[-2000:]
     assert Path(match.group(1)) == run_dir / "epoch-1"
 

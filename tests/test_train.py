@@ -43,6 +43,9 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
     # 192 train pairs at an effective batch of 16: 12 optimizer steps per epoch
     assert [r["step"] for r in records] == [12, 24, 36]
     assert records[-1]["val"]["accuracy"] > 0.6  # the preference was learned
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["wall_seconds"] > 0 and info["sessions"][0]["device"].startswith("CPU")
+    assert info["sessions"][0]["precision"] == "fp32" and info["sessions"][0]["processes"] == 1
     for plot in ("loss.png", "rewards.png", "accuracy.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     indices = json.loads((run_dir / "data_indices.json").read_text())
@@ -135,3 +138,78 @@ def assert_logged_eval_metrics_equal_the_record(checkpoint, record) -> None:
     assert logged["eval_rewards/margins"] == pytest.approx(val["margin"], rel=1e-12)
     assert logged["eval_rewards/chosen"] == pytest.approx(val["chosen_reward"], rel=1e-12)
     assert logged["eval_logps/rejected"] == pytest.approx(val["logps_rejected"], rel=1e-12)
+
+
+def test_eval_steps_max_steps_and_checkpoint_retention(smoke_config):
+    """Mid-epoch validation lands in metrics.jsonl; resume state (optimizer) stays in the newest epoch only."""
+    config = smoke_config("training.eval_steps=6")
+    assert run_training(config) == 0
+    run_dir = config.run_dir
+    # Steps 12, 24 and 36 end epochs, which validate anyway: no second pass there.
+    assert [r["step"] for r in read_metrics(run_dir, "eval")] == [6, 18, 30]
+    assert [r["step"] for r in read_metrics(run_dir, "step")] == [6, 12, 18, 24, 30, 36]  # logging_steps 6
+    assert all(r["val"]["pairs"] == 48 for r in read_metrics(run_dir, "eval"))
+    has_optimizer = [(path / "optimizer.pt").is_file() for path in epoch_dirs(run_dir)]
+    assert has_optimizer == [False, False, True]
+    assert all((path / "model.safetensors").is_file() for path in epoch_dirs(run_dir))
+
+    # 30 steps are two and a half epochs: the partial third is evaluated and saved as epoch 3.
+    short = smoke_config("run_name=short", "training.max_steps=30", "training.keep_epochs=best_and_last")
+    assert run_training(short) == 0
+    records = read_metrics(short.run_dir)
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 12), (2, 24), (3, 30)]
+    best = json.loads((short.run_dir / "best.json").read_text())["checkpoint"]
+    assert {path.name for path in epoch_dirs(short.run_dir)} == {best, "epoch-3"}
+    assert (short.run_dir / "epoch-3" / "optimizer.pt").is_file()
+
+
+def test_a_smoke_run_prints_a_few_readable_lines(tmp_path):
+    """Non-TTY output: no progress bars, no raw dicts, one line per logging step and per epoch."""
+    command = [
+        sys.executable, "scripts/train.py", "--config", "configs/smoke.yaml",
+        "--set", f"training.output_dir={tmp_path}", "--set", f"training.reference_cache_dir={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) <= 20, "\n".join(lines)
+    assert not [line for line in lines if "it/s]" in line or "%|" in line]  # progress bars
+    assert not [line for line in lines if line.lstrip().startswith("{")]  # transformers' raw log dicts
+    assert not [line for line in lines if "Warning" in line or "warnings.warn" in line]
+    assert sum(line.startswith("step ") for line in lines) == 6 and sum(line.startswith("epoch ") for line in lines) == 3
+
+
+def test_tensorboard_event_files_hold_the_metrics_jsonl_values(smoke_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = smoke_config("logging.report_to=[jsonl, tensorboard]", "training.num_epochs=2")
+    assert run_training(config) == 0
+    [events] = (config.run_dir / "tensorboard").glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload()
+
+    def series(tag):
+        return {event.step: event.value for event in scalars.Scalars(tag)}
+
+    steps = read_metrics(config.run_dir, "step")
+    assert series("train/loss") == pytest.approx({r["step"]: r["train"]["loss"] for r in steps}, rel=1e-6)
+    assert series("train/rewards/accuracies") == pytest.approx({r["step"]: r["train"]["accuracy"] for r in steps}, rel=1e-6)
+    epochs = read_metrics(config.run_dir)
+    assert series("eval/loss") == pytest.approx({r["step"]: r["val"]["loss"] for r in epochs}, rel=1e-6)
+    assert series("eval/rewards/margins") == pytest.approx({r["step"]: r["val"]["margin"] for r in epochs}, rel=1e-6)
+
+
+def test_early_stopping_ends_the_run_once_validation_stops_improving(smoke_config):
+    # At this learning rate the smoke run's validation loss is lowest after epoch 1 and rises after it.
+    config = smoke_config("training.num_epochs=6", "training.early_stopping_patience=2")
+    assert run_training(config) == 0
+    records = read_metrics(config.run_dir)
+    losses = [r["val"]["loss"] for r in records]
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # two epochs without improvement after the best
+    assert losses[0] < min(losses[1:])
+    assert json.loads((config.run_dir / "best.json").read_text())["epoch"] == 1
+
+    # The patience counter is part of the checkpoint: a resumed run goes on counting, and stops at once here.
+    assert run_training(config, resume=True) == 0
+    assert [r["epoch"] for r in read_metrics(config.run_dir)] == [1, 2, 3, 4]
+    assert json.loads((config.run_dir / "best.json").read_text())["epoch"] == 1

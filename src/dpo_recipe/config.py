@@ -94,6 +94,15 @@ class TrainingConfig:
     pad_to_multiple_of: int | None = None
     reference_cache_dir: str = ".cache/reference_logps"
     best_metric: str = "loss"
+    # Stop after this many optimizer steps (the partial last epoch is evaluated and saved); null: num_epochs decides.
+    max_steps: int | None = None
+    # Also validate every this many optimizer steps (into metrics.jsonl and the plots); null: at epoch ends only.
+    eval_steps: int | None = None
+    # Every epoch's weights (`all`), or only the best and the newest (`best_and_last`). Optimizer state, which only
+    # resuming reads and which is twice the weights, is kept in the newest epoch alone either way.
+    keep_epochs: str = "all"
+    # Stop once validation (at epoch ends, by best_metric) has not improved for this many epochs; null: never.
+    early_stopping_patience: int | None = None
     logging_steps: int = 10
     dataloader_num_workers: int = 0
 
@@ -110,9 +119,14 @@ class LossConfig:
     rpo_alpha: float | None = None
 
 
+# Trackers a run can report to: metrics.jsonl is always written (it is the run's own record); tensorboard writes
+# event files under <run>/tensorboard; wandb logs a run (offline by default, see wandb_mode).
+REPORT_TARGETS = ("jsonl", "tensorboard", "wandb")
+
+
 @dataclass
 class LoggingConfig:
-    wandb: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     wandb_mode: str = "offline"
     wandb_project: str = "dpo-recipe"
 
@@ -149,6 +163,7 @@ CHOICES = {
     "training.precision": ("auto", "bf16", "fp32", "fp16"),
     "training.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
     "training.best_metric": ("loss", "accuracy", "margin"),
+    "training.keep_epochs": ("all", "best_and_last"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
 }
 
@@ -269,6 +284,10 @@ def _validate(config: RecipeConfig) -> None:
         ("training.per_device_batch_size", config.training.per_device_batch_size >= 1, "must be >= 1"),
         ("training.eval_batch_size", config.training.eval_batch_size >= 1, "must be >= 1"),
         ("training.pad_to_multiple_of", (config.training.pad_to_multiple_of or 1) >= 1, "must be >= 1 or null"),
+        ("training.max_steps", (config.training.max_steps or 1) >= 1, "must be >= 1 or null"),
+        ("training.eval_steps", (config.training.eval_steps or 1) >= 1, "must be >= 1 or null"),
+        ("training.logging_steps", config.training.logging_steps >= 1, "must be >= 1"),
+        ("training.early_stopping_patience", (config.training.early_stopping_patience or 1) >= 1, "must be >= 1 or null"),
         ("training.warmup_ratio", 0 <= config.training.warmup_ratio < 1, "must be in [0, 1)"),
         ("data.max_length", config.data.max_length >= 16, "must be >= 16"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be in (0, 1)"),
@@ -301,6 +320,9 @@ def _validate(config: RecipeConfig) -> None:
             f"{source}: model.attn_implementation {config.model.attn_implementation!r} cannot read the shared-prompt "
             f"mask: use one of {', '.join(SHARED_PROMPT_ATTENTION)}, or set training.prompt_sharing: false"
         )
+    for target in config.logging.report_to:
+        if target not in REPORT_TARGETS:
+            raise ConfigError(f"{source}: logging.report_to must list some of {', '.join(REPORT_TARGETS)} (got {target!r})")
     if config.model.lora is not None and config.model.lora.r < 1:
         raise ConfigError(f"{source}: model.lora.r must be >= 1 (got {config.model.lora.r})")
     if not config.run_name or "/" in config.run_name:
