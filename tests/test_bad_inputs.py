@@ -124,7 +124,7 @@ def test_unknown_loss_type_fails_before_any_data_is_read(tmp_path, capsys):
     path = write_config(tmp_path, "loss:\n  type: dop\n")
     code, line = call_main(capsys, "train", "--config", str(path))
     assert code == 2
-    assert line.startswith(f"error: {path}: loss.type 'dop' is not one of dpo, ipo, cdpo nor a dotted path")
+    assert line.startswith(f"error: {path}: loss.type 'dop' is not one of dpo, ipo, cdpo, hinge, robust nor a dotted path")
     assert not (tmp_path / "checkpoints").exists()
 
 
