@@ -13,8 +13,8 @@
 #     trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 #   mkdir -p .devdata && cp ../shared/data/hh-rlhf-harmless-base-1812.jsonl.gz .devdata/
 # and carry both: run(command="bash scripts/gpu_check.sh", carry=[".whl", ".devdata"], timeout_s=560).
-# The 3000 pairs are drawn from the file's 1811 usable ones in passes over seeded shuffles (every pair once, then
-# 1189 of them a second time).
+# The 3000 pairs are drawn from the file's 1812 usable ones in passes over seeded shuffles (every pair once, then
+# 1188 of them a second time).
 #
 # Budget: planned to finish in under 8 minutes on an H100 (plain TRL alone took ~100 s for these 5 epochs at the
 # 135.7 pairs/s measured on db79b60); GPU_CHECK_TIMEOUT (default 480 s) stops it, keeping the results written so far.

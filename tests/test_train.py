@@ -43,6 +43,9 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
     # 192 train pairs at an effective batch of 16: 12 optimizer steps per epoch
     assert [r["step"] for r in records] == [12, 24, 36]
     assert records[-1]["val"]["accuracy"] > 0.6  # the preference was learned
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["wall_seconds"] > 0 and info["sessions"][0]["device"].startswith("CPU")
+    assert info["sessions"][0]["precision"] == "fp32" and info["sessions"][0]["processes"] == 1
     for plot in ("loss.png", "rewards.png", "accuracy.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     indices = json.loads((run_dir / "data_indices.json").read_text())
@@ -175,3 +178,38 @@ def test_a_smoke_run_prints_a_few_readable_lines(tmp_path):
     assert not [line for line in lines if line.lstrip().startswith("{")]  # transformers' raw log dicts
     assert not [line for line in lines if "Warning" in line or "warnings.warn" in line]
     assert sum(line.startswith("step ") for line in lines) == 6 and sum(line.startswith("epoch ") for line in lines) == 3
+
+
+def test_tensorboard_event_files_hold_the_metrics_jsonl_values(smoke_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = smoke_config("logging.report_to=[jsonl, tensorboard]", "training.num_epochs=2")
+    assert run_training(config) == 0
+    [events] = (config.run_dir / "tensorboard").glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload()
+
+    def series(tag):
+        return {event.step: event.value for event in scalars.Scalars(tag)}
+
+    steps = read_metrics(config.run_dir, "step")
+    assert series("train/loss") == pytest.approx({r["step"]: r["train"]["loss"] for r in steps}, rel=1e-6)
+    assert series("train/rewards/accuracies") == pytest.approx({r["step"]: r["train"]["accuracy"] for r in steps}, rel=1e-6)
+    epochs = read_metrics(config.run_dir)
+    assert series("eval/loss") == pytest.approx({r["step"]: r["val"]["loss"] for r in epochs}, rel=1e-6)
+    assert series("eval/rewards/margins") == pytest.approx({r["step"]: r["val"]["margin"] for r in epochs}, rel=1e-6)
+
+
+def test_early_stopping_ends_the_run_once_validation_stops_improving(smoke_config):
+    # At this learning rate the smoke run's validation loss is lowest after epoch 1 and rises after it.
+    config = smoke_config("training.num_epochs=6", "training.early_stopping_patience=2")
+    assert run_training(config) == 0
+    records = read_metrics(config.run_dir)
+    losses = [r["val"]["loss"] for r in records]
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # two epochs without improvement after the best
+    assert losses[0] < min(losses[1:])
+    assert json.loads((config.run_dir / "best.json").read_text())["epoch"] == 1
+
+    # The patience counter is part of the checkpoint: a resumed run goes on counting, and stops at once here.
+    assert run_training(config, resume=True) == 0
+    assert [r["epoch"] for r in read_metrics(config.run_dir)] == [1, 2, 3, 4]
+    assert json.loads((config.run_dir / "best.json").read_text())["epoch"] == 1

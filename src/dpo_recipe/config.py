@@ -47,10 +47,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # A hub dataset id, a local .jsonl / .jsonl.gz file, or `synthetic` (hh-rlhf-format dialogues made in code).
+    # A hub dataset id, a local directory laid out like one, a local .jsonl / .json / .parquet / .csv file (.gz
+    # where it applies), or `synthetic` (hh-rlhf-format dialogues made in code).
     source: str = "Anthropic/hh-rlhf"
-    # Hub `data_dir` (for example `harmless-base`); null uses the whole dataset.
+    # Hub (or local dataset directory) `data_dir`, for example `harmless-base`; null uses the whole dataset.
     subset: str | None = None
+    # One of DATA_FORMATS; `auto` detects it from the first row's columns (see `dpo_recipe.data`).
+    format: str = "auto"
+    # A Jinja chat template, or a file holding one, for message formats when the tokenizer has none (or to replace
+    # its own).
+    chat_template: str | None = None
     # Test pairs come from this split of a hub dataset; a local file may name a separate test file here.
     test_source: str | None = None
     train_split: str = "train"
@@ -108,6 +114,8 @@ class TrainingConfig:
     # Every epoch's weights (`all`), or only the best and the newest (`best_and_last`). Optimizer state, which only
     # resuming reads and which is twice the weights, is kept in the newest epoch alone either way.
     keep_epochs: str = "all"
+    # Stop once validation (at epoch ends, by best_metric) has not improved for this many epochs; null: never.
+    early_stopping_patience: int | None = None
     logging_steps: int = 10
     dataloader_num_workers: int = 0
 
@@ -124,9 +132,14 @@ class LossConfig:
     rpo_alpha: float | None = None
 
 
+# Trackers a run can report to: metrics.jsonl is always written (it is the run's own record); tensorboard writes
+# event files under <run>/tensorboard; wandb logs a run (offline by default, see wandb_mode).
+REPORT_TARGETS = ("jsonl", "tensorboard", "wandb")
+
+
 @dataclass
 class LoggingConfig:
-    wandb: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     wandb_mode: str = "offline"
     wandb_project: str = "dpo-recipe"
 
@@ -155,7 +168,11 @@ class RecipeConfig:
         return redact_secrets(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+DATA_FORMATS = (
+    "auto", "hh-rlhf", "hh-rlhf-chat", "standard", "standard_implicit", "conversational", "conversational_implicit",
+)  # fmt: skip
 CHOICES = {
+    "data.format": DATA_FORMATS,
     "training.precision": ("auto", "bf16", "fp32", "fp16"),
     "training.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
     "training.best_metric": ("loss", "accuracy", "margin"),
@@ -285,6 +302,7 @@ def _validate(config: RecipeConfig) -> None:
         ("training.max_steps", (config.training.max_steps or 1) >= 1, "must be >= 1 or null"),
         ("training.eval_steps", (config.training.eval_steps or 1) >= 1, "must be >= 1 or null"),
         ("training.logging_steps", config.training.logging_steps >= 1, "must be >= 1"),
+        ("training.early_stopping_patience", (config.training.early_stopping_patience or 1) >= 1, "must be >= 1 or null"),
         ("training.warmup_ratio", 0 <= config.training.warmup_ratio < 1, "must be in [0, 1)"),
         ("data.max_length", config.data.max_length >= 16, "must be >= 16"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be in (0, 1)"),
@@ -296,6 +314,11 @@ def _validate(config: RecipeConfig) -> None:
             f"leaves no training pairs out of data.num_pairs = {config.data.num_pairs}",
         ),
         ("data.num_test_pairs", config.data.num_test_pairs >= 0, "must be >= 0"),
+        (
+            "data.chat_template",
+            config.data.chat_template is None or "{" in config.data.chat_template or Path(config.data.chat_template).is_file(),
+            "must be a Jinja template or the path of a file holding one",
+        ),
         ("data.min_prompt_tokens", 1 <= config.data.min_prompt_tokens < config.data.max_length, "must be in [1, max_length)"),
         ("model.tokenizer_vocab_size", config.model.tokenizer_vocab_size >= 260, "must be >= 260 (256 bytes + specials)"),
     ]
@@ -312,6 +335,9 @@ def _validate(config: RecipeConfig) -> None:
             f"{source}: model.attn_implementation {config.model.attn_implementation!r} cannot read the shared-prompt "
             f"mask: use one of {', '.join(SHARED_PROMPT_ATTENTION)}, or set training.prompt_sharing: false"
         )
+    for target in config.logging.report_to:
+        if target not in REPORT_TARGETS:
+            raise ConfigError(f"{source}: logging.report_to must list some of {', '.join(REPORT_TARGETS)} (got {target!r})")
     if config.model.lora is not None and config.model.lora.r < 1:
         raise ConfigError(f"{source}: model.lora.r must be >= 1 (got {config.model.lora.r})")
     if not config.run_name or "/" in config.run_name:

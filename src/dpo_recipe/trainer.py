@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
-from transformers import PrinterCallback, TrainerCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
@@ -340,6 +341,10 @@ def _point_best_link(run_dir: Path, target: str) -> None:
 # Files in a checkpoint that only resuming reads; kept in the newest epoch alone. Optimizer state (Adam's two moments)
 # is twice the size of the weights.
 RESUME_ONLY_PREFIXES = ("optimizer", "scaler")
+TENSORBOARD_DIR = "tensorboard"
+# training.best_metric as transformers logs it, and whether larger is better.
+BEST_METRIC_LOGGED = {"loss": ("eval_loss", False), "accuracy": ("eval_rewards/accuracies", True),
+                      "margin": ("eval_rewards/margins", True)}  # fmt: skip
 
 
 class EpochRecorder(TrainerCallback):
@@ -429,6 +434,18 @@ class StepEvaluation(TrainerCallback):
         at_epoch_end = state.epoch == int(state.epoch)
         if state.global_step % self.every == 0 and not at_epoch_end:
             control.should_evaluate = True
+
+
+class EpochEarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping, counting epochs: only epoch-end validation (which also picks `best`) counts,
+    not the passes `training.eval_steps` adds within an epoch."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pass  # the parent only warns that the best model is not reloaded at the end: the `best` link names it
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        if state.epoch == int(state.epoch):
+            super().on_evaluate(args, state, control, metrics, **kwargs)
 
 
 class LogLinePrinter(TrainerCallback):
@@ -523,7 +540,8 @@ CHECKPOINTING_ARGUMENT = (
 def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOConfig:
     micro, accumulation = batch_plan(config, world_size)
     training = config.training
-    report_to = ["wandb"] if config.logging.wandb else []
+    report_to = [target for target in config.logging.report_to if target != "jsonl"]  # metrics.jsonl is ours
+    best_metric = BEST_METRIC_LOGGED[training.best_metric]
     forward_batch = forward_batch_size(training.eval_batch_size)
     compile_model = on_gpu() if training.torch_compile is None else training.torch_compile
     return DPOConfig(
@@ -555,6 +573,10 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         torch_compile=compile_model,
         torch_compile_mode=training.compile_mode if compile_model else None,
         eval_strategy="epoch",
+        # What early stopping watches; only set when it is on, so a plain run keeps no second notion of "best".
+        metric_for_best_model=best_metric[0] if training.early_stopping_patience else None,
+        greater_is_better=best_metric[1] if training.early_stopping_patience else None,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter resumes where it was
         save_strategy="epoch",
         logging_steps=training.logging_steps,
         report_to=report_to,
@@ -629,7 +651,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     report = DataReport()
     splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
     tokenizer_source = str(resume_from) if resume_from is not None else None
-    training_texts = [text for p in splits.train for text in (p.prompt, p.chosen, p.rejected)]
+    training_texts = [text for p in splits.train for text in p.texts()]
     tokenizer = load_tokenizer(config.model, training_texts, source=tokenizer_source)
     data = prepare_data(splits, tokenizer, config.data, report)
     model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
@@ -646,7 +668,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
             _write_best(run_dir, config.training.best_metric)
     state.wait_for_everyone()
 
-    if config.logging.wandb:
+    if "wandb" in config.logging.report_to:
         os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
         os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
     peft_config = None
@@ -687,6 +709,11 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     )
     if config.training.eval_steps:
         trainer.add_callback(StepEvaluation(config.training.eval_steps))
+    if config.training.early_stopping_patience:
+        trainer.add_callback(EpochEarlyStopping(config.training.early_stopping_patience))
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:  # not under the env's choice
+            callback.logging_dir = str(run_dir / TENSORBOARD_DIR)
     if not verbose and trainer.args.disable_tqdm:
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(LogLinePrinter())
@@ -724,10 +751,40 @@ def batching_line(trainer: RecipeDPOTrainer) -> str:
             f"positions, {padding['scored']:.1%} of scored-position slots (one epoch)")
 
 
+RUN_INFO_FILE = "run_info.json"
+
+
+def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
+    """Where and how long the run trained (each session of a resumed run adds its own), for reports to quote."""
+    import platform
+
+    import transformers
+    import trl
+
+    path = run_dir / RUN_INFO_FILE
+    info = json.loads(path.read_text()) if path.is_file() and run.resume_from is not None else {"sessions": []}
+    state = run.trainer.accelerator.state
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    info["sessions"].append(
+        {
+            "wall_seconds": round(seconds, 1),  # data, reference pass, training, validation and saving
+            "resumed_from": run.resume_from.name if run.resume_from else None,
+            "device": device,
+            "processes": state.num_processes,
+            "distributed": str(state.distributed_type),
+            "precision": "bf16" if run.trainer.args.bf16 else "fp16" if run.trainer.args.fp16 else "fp32",
+            "software": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        }
+    )
+    info["wall_seconds"] = round(sum(session["wall_seconds"] for session in info["sessions"]), 1)
+    _atomic_write(path, json.dumps(info, indent=2))
+
+
 def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> int:
     """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
     from .report import plot_run
 
+    started = time.perf_counter()
     run = prepare_run(config, resume, verbose)
     try:
         run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
@@ -745,6 +802,7 @@ def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = Fal
                 print(f"interrupted before any epoch finished; nothing to resume. Start again with: {command}", file=sys.stderr)
         return 130
     if is_main:
+        _record_session(run_dir, run, time.perf_counter() - started)
         plot_run(run_dir)
         best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
         if best:
