@@ -70,3 +70,13 @@ def test_batch_plan_keeps_the_effective_batch(processes, per_device, expected):
     micro, accumulation = batch_plan(config, processes)
     assert (micro, accumulation) == expected
     assert micro * accumulation * processes == 16
+
+
+def test_device_default_settings_stay_null_unless_the_attention_decides():
+    """`null` means the device's default (resolved when the run starts); an attention implementation that cannot
+    read the shared-prompt mask decides the layout on any device."""
+    training = load_config(REPO / "configs" / "beta0.3.yaml").training
+    assert (training.prompt_sharing, training.eval_batch_size, training.torch_compile, training.length_buckets) == (None,) * 4
+    flash = load_config(REPO / "configs" / "beta0.3.yaml", ["model.attn_implementation=flash_attention_2"])
+    assert flash.training.prompt_sharing is False
+    assert load_config(REPO / "configs" / "beta0.3.yaml", ["training.length_buckets=4"]).training.length_buckets == 4

@@ -364,5 +364,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         target[keys[-1]] = value
     config = _build(RecipeConfig, data, str(path))
     config.source_file = str(path)
+    if config.training.prompt_sharing is None and config.model.attn_implementation not in SHARED_PROMPT_ATTENTION:
+        config.training.prompt_sharing = False  # "auto" on any device: this attention cannot read the shared mask
     _validate(config)
     return config
