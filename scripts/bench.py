@@ -48,7 +48,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--profile-steps", type=int, default=defaults.profile_steps,
-        help="training steps profiled after each timed run, for the device kernel time per step (0: none)",
+        help="training steps profiled after each timed run, for the device kernel time per step (default: 5 on a GPU, "
+        "none on CPU)",
     )
     parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s, to report MFU")
     parser.add_argument("--output", default=defaults.output, help="results markdown file")

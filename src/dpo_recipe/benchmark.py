@@ -75,7 +75,9 @@ class BenchSettings:
     # path on CPU.
     ours_training: dict[str, Any] = field(default_factory=dict)
     also_uncompiled: bool = False  # also run ours with torch.compile off (`ours_uncompiled`), after the agreement check
-    profile_steps: int = 5  # training steps profiled after the timed run, for the device kernel time per step
+    # Training steps profiled after the timed run, for the device kernel time per step. None: 5 on a GPU, none on CPU
+    # (where there is no device time to report; a rehearsal may still ask for some, to exercise the code).
+    profile_steps: int | None = None
     agreement_steps: int = 5
     # Each trainer runs this many times, interleaved, and its fastest run is reported: on a shared machine other
     # work only ever slows a run down (here two runs of the same trainer took 71.0 s and 88.6 s).
@@ -443,8 +445,9 @@ def run_job(job: Job, settings: BenchSettings, data: BenchData) -> RunResult:
             _synchronize()
             result.eval_seconds = time.perf_counter() - start
             result.eval_pairs = len(evaluation)
-        if job.max_steps < 0 and settings.profile_steps:
-            result.kernel_ms = device_kernel_ms(trainer, settings.profile_steps)
+        profile_steps = (5 if torch.cuda.is_available() else 0) if settings.profile_steps is None else settings.profile_steps
+        if job.max_steps < 0 and profile_steps:
+            result.kernel_ms = device_kernel_ms(trainer, profile_steps)
     return result
 
 
@@ -701,7 +704,7 @@ def write_results(
         "- Padding: share of the positions of one epoch of training batches that are padding. Head padding (ours): "
         "share of the LM head's scored-position slots that are bucket padding. Steady step: median wall time between "
         "optimizer steps in the last epoch, without device synchronisation. Kernel time/step: device kernel time per "
-        f"training step from torch.profiler over {settings.profile_steps} steps after the timed run (CUDA only).",
+        "training step from torch.profiler over a few steps after the timed run (CUDA only).",
         "- Real tokens/s counts each pair's non-pad tokens as [prompt, chosen] + [prompt, rejected], the same for "
         "every trainer (work done, not positions computed). Positions/pair and padding come from one epoch of each "
         "trainer's own training batches (ours: one row per pair, holding the prompt once; TRL: two rows per pair).",

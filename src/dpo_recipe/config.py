@@ -95,7 +95,7 @@ class TrainingConfig:
     compile_mode: str = "default"
     group_by_length: bool = True
     # One row per pair with the prompt computed once (true), or TRL's two rows per pair (false). null: shared on CPU,
-    # where it saves 32% of hh-rlhf tokens (make bench); separate rows on a GPU, which ran faster end to end there
+    # where it saves 31% of hh-rlhf tokens (make bench); separate rows on a GPU, which ran faster end to end there
     # (epoch 1: 44.7k against 35.4k tokens/s on an H100, ../shared/gpu/h100-2026-11-26.md; to re-measure with buckets).
     prompt_sharing: bool | None = None
     # Row widths and scored-position counts padded to this many buckets, drawn from the data's length quantiles, with
