@@ -11,6 +11,7 @@ Everything else (optimizer, schedule, mixed precision, DDP/FSDP/DeepSpeed, savin
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -22,10 +23,13 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import is_peft_model
+from accelerate.utils import (
+    DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list, is_peft_model, parse_flag_from_env,
+)
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import DPOConfig, DPOTrainer
+from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
 from .config import ConfigError, RecipeConfig
@@ -101,13 +105,26 @@ class WideLengthGroupedSampler(LengthGroupedSampler):
 
 
 class RecipeDPOTrainer(DPOTrainer):
-    def __init__(self, *args, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, **kwargs):
+    def __init__(self, *args, model, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, **kwargs):
         self.loss_fn = loss_fn
         self.reference_cache_dir = reference_cache_dir
         self.reference_cache_hits: dict[str, bool] = {}
         self.totals = totals or RunningTotals()
-        self._reference_key: str | None = None
-        super().__init__(*args, **kwargs)
+        # Hashed here, before anything is sharded (DTensors cannot be read), by the main process, whose weights are
+        # the ones every rank trains from.
+        self._reference_key = _main_process_value(lambda: model_fingerprint(model))
+        # Under FSDP the reference pass needs a sharded copy of the starting model; without one TRL reloads the model
+        # from `_name_or_path`, which a locally built model lacks. It is freed once the log-probs are computed.
+        reference = copy.deepcopy(model) if fsdp_requested() and kwargs.get("peft_config") is None else None
+        super().__init__(*args, model=model, ref_model=reference, **kwargs)
+        if reference is not None:
+            self.ref_model = None
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp_requested():
+            _fsdp_over_gloo(self.accelerator)
+            self.is_fsdp_enabled = True
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # tokenized and truncated by dpo_recipe.data, without dropping pairs
@@ -121,24 +138,51 @@ class RecipeDPOTrainer(DPOTrainer):
             return use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None)
         return contextlib.nullcontext()
 
+    def _reference_model(self):
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            # Before `train` DeepSpeed has not placed the policy yet: TRL's inference engine places (and under
+            # ZeRO-3 gathers) it, built once and reused.
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        return self.ref_model or self.model
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        model = self.ref_model or self.model
-        if self._reference_key is None:
-            self._reference_key = model_fingerprint(model)
         precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
         path = cache_path(self.reference_cache_dir, self._reference_key, dataset, precision)
+        chosen, rejected, hit = self._reference_logps_on_every_rank(path, dataset, batch_size)
+        self.reference_cache_hits[name] = hit
+        return with_reference_columns(dataset, chosen, rejected)
+
+    def _reference_logps_on_every_rank(self, path: Path, dataset, batch_size: int):
+        """(chosen, rejected, hit), the same on every rank: one cache file, read or written by the main process.
+
+        The main process decides hit or miss for all. On a miss every rank scores its share of the batches with
+        the same number of forwards (FSDP and ZeRO-3 forwards are collectives every rank must join), the shares
+        are gathered, and the main process alone writes the file. Then its values go to every rank.
+        """
+        accelerator = self.accelerator
+        model = self._reference_model()
 
         def compute():
             with self._reference_context():
-                return dataset_pair_logps(
-                    model, dataset, self.data_collator, batch_size, self.accelerator.device, self.accelerator.autocast
+                chosen, rejected = dataset_pair_logps(
+                    model, dataset, self.data_collator, batch_size, accelerator.device, accelerator.autocast,
+                    accelerator.process_index, accelerator.num_processes,
                 )
+            shares = [(chosen, rejected)]
+            if accelerator.num_processes > 1:
+                shares = [None] * accelerator.num_processes
+                torch.distributed.all_gather_object(shares, (chosen, rejected))
+            # Each pair was scored by exactly one rank and is nan on the others (a nan reference stays nan).
+            return tuple(torch.stack(side).nanmean(0) for side in zip(*shares))
 
-        # The main process computes and writes the cache; the others then read it.
-        with self.accelerator.main_process_first():
-            chosen, rejected, hit = cached_reference_logps(path, compute)
-        self.reference_cache_hits[name] = hit
-        return with_reference_columns(dataset, chosen, rejected)
+        hit = [path.is_file()] if accelerator.is_main_process else [None]
+        broadcast_object_list(hit, from_process=0)
+        computed = None if hit[0] else compute()
+        result = [cached_reference_logps(path, lambda: computed) if accelerator.is_main_process else None]
+        broadcast_object_list(result, from_process=0)
+        return result[0]
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -177,6 +221,18 @@ class RecipeDPOTrainer(DPOTrainer):
             self._metrics[mode][key].append(value)
         return (loss, None) if return_outputs else loss
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            # With sharded state dicts Trainer writes only the shards (for resuming); the epoch model must also be an
+            # ordinary HF directory that eval, rank, generate and merge load. Every rank joins the gathering.
+            state_dict = self.accelerator.get_state_dict(self.model)
+            # Gathered one by one, tied weights no longer share storage: keep only the one a load ties the others to.
+            for tied in getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}:
+                state_dict.pop(tied, None)
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
     def evaluate(self, *args, **kwargs):
         self.totals.reset("eval")
         return super().evaluate(*args, **kwargs)
@@ -194,6 +250,55 @@ class RecipeDPOTrainer(DPOTrainer):
             return super()._get_eval_sampler(eval_dataset)
         lengths = eval_dataset["length"]
         return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (accelerate's own switch, set by an FSDP launch config)."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def _fsdp_over_gloo(accelerator) -> None:
+    """Make the launcher's FSDP request real on CPU.
+
+    accelerate 1.15 turns ACCELERATE_USE_FSDP into FSDP only on GPU-like devices; on CPU the processes would train as
+    plain DDP over gloo, unsharded. FSDP2 (`fully_shard`) runs on CPU over gloo, so the state is switched the way
+    accelerate's GPU branch switches it, with the plugin built from the launcher's FSDP_* variables.
+    """
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _main_process_value(compute):
+    """`compute()` on the main process, the same value on every process."""
+    state = PartialState()
+    value = [compute() if state.is_main_process else None]
+    broadcast_object_list(value, from_process=0)
+    return value[0]
+
+
+def parallelism(accelerator) -> str:
+    processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version} over {processes}, parameters sharded"
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage} over {processes}"
+    return f"DDP over {processes}" if accelerator.num_processes > 1 else "1 process"
+
+
+class ShardReport(TrainerCallback):
+    """Under FSDP, each rank says how much of the model it holds once training has sharded it."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        parameters = list(model.parameters()) if model is not None else []
+        if not any(isinstance(p, DTensor) for p in parameters):
+            return
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters)
+        total = sum(p.numel() for p in parameters)
+        print(f"rank {args.process_index}: holds {local} of {total} parameter values", flush=True)
 
 
 def _finite(value: float) -> bool:
@@ -475,6 +580,11 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
         os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
         os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
     peft_config = None
+    if config.model.lora is not None and fsdp_requested():
+        raise ConfigError(
+            f"{config.source_file}: model.lora is not supported under FSDP (an adapter's model fits each device: "
+            "launch with multi_gpu.yaml)"
+        )
     if config.model.lora is not None:
         from peft import LoraConfig
 
@@ -493,7 +603,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
         eval_dataset=data.val,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[EpochRecorder(run_dir, totals, config.training.best_metric), guard],
+        callbacks=[EpochRecorder(run_dir, totals, config.training.best_metric), guard, ShardReport()],
         loss_fn=loss_fn,
         reference_cache_dir=config.training.reference_cache_dir,
         totals=totals,
@@ -502,7 +612,8 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
         micro, accumulation = batch_plan(config, state.num_processes)
         print(
             f"batch: {state.num_processes} process(es) x micro-batch {micro} x accumulation {accumulation} = "
-            f"effective batch {config.training.effective_batch_size}; precision {precision}",
+            f"effective batch {config.training.effective_batch_size}; precision {precision}; "
+            f"{parallelism(trainer.accelerator)}",
             flush=True,
         )
         hits = ", ".join(f"{name} {'reused' if hit else 'computed'}" for name, hit in trainer.reference_cache_hits.items())
