@@ -4,7 +4,9 @@ What the subclass changes, and why:
 - data arrives tokenized and truncated by `dpo_recipe.data` (TRL's keep_start truncation drops whole pairs);
 - batches use `packing.PairCollator`: the prompt is computed once per pair, and length grouping limits padding;
 - reference log-probs are computed once and cached on disk (`reference`), so no epoch or sweep run redoes them;
-- the loss is the configured pure function from `dpo_recipe.loss`.
+- the loss is the configured pure function from `dpo_recipe.loss`;
+- an FSDP launch shards on CPU too (accelerate engages FSDP on GPUs only), and FSDP epoch checkpoints also hold the
+  whole model, so every command loads them as ordinary HF model directories.
 Everything else (optimizer, schedule, mixed precision, DDP/FSDP/DeepSpeed, saving, resuming) is TRL/Trainer's own.
 """
 
@@ -24,7 +26,12 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import (
-    DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list, is_peft_model, parse_flag_from_env,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    broadcast_object_list,
+    gather_object,
+    is_peft_model,
+    parse_flag_from_env,
 )
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
@@ -105,19 +112,21 @@ class WideLengthGroupedSampler(LengthGroupedSampler):
 
 
 class RecipeDPOTrainer(DPOTrainer):
-    def __init__(self, *args, model, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, **kwargs):
+    def __init__(
+        self, *args, model, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, ref_model=None, **kwargs
+    ):
         self.loss_fn = loss_fn
         self.reference_cache_dir = reference_cache_dir
         self.reference_cache_hits: dict[str, bool] = {}
         self.totals = totals or RunningTotals()
         # Hashed here, before anything is sharded (DTensors cannot be read), by the main process, whose weights are
         # the ones every rank trains from.
-        self._reference_key = _main_process_value(lambda: model_fingerprint(model))
+        self._reference_key = _main_process_value(lambda: model_fingerprint(ref_model or model))
         # Under FSDP the reference pass needs a sharded copy of the starting model; without one TRL reloads the model
-        # from `_name_or_path`, which a locally built model lacks. It is freed once the log-probs are computed.
-        reference = copy.deepcopy(model) if fsdp_requested() and kwargs.get("peft_config") is None else None
-        super().__init__(*args, model=model, ref_model=reference, **kwargs)
-        if reference is not None:
+        # from `_name_or_path`, which a locally built model lacks. The copy is freed once the log-probs are computed.
+        copied = ref_model is None and fsdp_requested() and kwargs.get("peft_config") is None
+        super().__init__(*args, model=model, ref_model=copy.deepcopy(model) if copied else ref_model, **kwargs)
+        if copied:
             self.ref_model = None
 
     def create_accelerator_and_postprocess(self):
@@ -170,10 +179,7 @@ class RecipeDPOTrainer(DPOTrainer):
                     model, dataset, self.data_collator, batch_size, accelerator.device, accelerator.autocast,
                     accelerator.process_index, accelerator.num_processes,
                 )
-            shares = [(chosen, rejected)]
-            if accelerator.num_processes > 1:
-                shares = [None] * accelerator.num_processes
-                torch.distributed.all_gather_object(shares, (chosen, rejected))
+            shares = gather_object([(chosen, rejected)])
             # Each pair was scored by exactly one rank and is nan on the others (a nan reference stays nan).
             return tuple(torch.stack(side).nanmean(0) for side in zip(*shares))
 
@@ -540,13 +546,18 @@ class PreparedRun:
 def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
     """Everything up to the first step: data, tokenizer, model, reference log-probs, and the trainer."""
     # Without a GPU, processes started by `accelerate launch` join one gloo group (MULTI_CPU) instead of each
-    # training alone.
+    # training alone; under an FSDP launch config the trainer then shards over it (`_fsdp_over_gloo`).
     state = PartialState(cpu=not torch.cuda.is_available())
     precision = resolve_precision(config.training.precision, config.source_file)
     try:  # before any data or model work, so a typo in loss.type costs nothing
         loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing)
     except ValueError as error:
         raise ConfigError(f"{config.source_file}: {error}") from None
+    if config.model.lora is not None and fsdp_requested():
+        raise ConfigError(
+            f"{config.source_file}: model.lora is not supported under FSDP (an adapter's model fits each device: "
+            "launch with multi_gpu.yaml)"
+        )
     run_dir = config.run_dir
     resume_from = None
     if resume:
@@ -580,11 +591,6 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
         os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
         os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
     peft_config = None
-    if config.model.lora is not None and fsdp_requested():
-        raise ConfigError(
-            f"{config.source_file}: model.lora is not supported under FSDP (an adapter's model fits each device: "
-            "launch with multi_gpu.yaml)"
-        )
     if config.model.lora is not None:
         from peft import LoraConfig
 
