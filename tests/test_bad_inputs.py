@@ -65,6 +65,11 @@ CONFIG_MISTAKES = {
         "data.val_fraction leaves no training pairs out of data.num_pairs = 4 (got 0.9)",
     ),
     "unknown choice": ("  precision: fp64\n", "training.precision must be one of auto, bf16, fp32, fp16 (got 'fp64')"),
+    "attention without a 4D mask": (
+        "model:\n  attn_implementation: flash_attention_2\n",
+        "model.attn_implementation 'flash_attention_2' cannot read the shared-prompt mask: use one of sdpa, eager, "
+        "or set training.prompt_sharing: false",
+    ),
 }
 
 

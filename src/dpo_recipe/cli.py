@@ -37,7 +37,7 @@ def _command_train(args) -> int:
         return 0
     from .trainer import run_training  # imported after the config is known good: torch and trl take seconds
 
-    return run_training(config, resume=args.resume)
+    return run_training(config, resume=args.resume, verbose=args.verbose)
 
 
 def _command_print_config(args) -> int:
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest complete epoch checkpoint")
     train.add_argument("--strict", action="store_true", help="any bad data row is an error naming file:line")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument(
+        "--verbose", action="store_true", help="everything: transformers' log dicts, progress bars and warnings"
+    )
     train.set_defaults(handler=_command_train)
 
     show = commands.add_parser("print-config", help="print the fully resolved config (loads no model or data)")
@@ -144,11 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party_output() -> None:
+    """No progress bars for saving and loading, and no warnings known to be benign; `--verbose` keeps them all."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards", "Loading weights": per file, per call
+    # TRL and PEFT still call the old name internally; nothing the user can change, and it works until v6.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # DDP over tiny models with frozen LoRA bases: torch's own hint that a flag costs time, not a fault.
+    warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified in DDP constructor")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
 
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        quiet_third_party_output()
     config_file = getattr(args, "config", None)
     try:
         return args.handler(args)
