@@ -6,7 +6,6 @@ weights, the reference cache, and an epoch checkpoint in `eval`. A second FSDP r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -105,9 +104,8 @@ def runs(tmp_path_factory):
     return {"workspace": workspace, "stdout": stdout, "fsdp": workspace / "fsdp" / "smoke", "single": single.run_dir}
 
 
-def _logged_losses(run_dir: Path) -> list[float]:
-    history = json.loads((epoch_dirs(run_dir)[-1] / "trainer_state.json").read_text())["log_history"]
-    return [entry["loss"] for entry in history if "loss" in entry]
+def _logged_steps(run_dir: Path) -> list[dict]:
+    return [record["train"] for record in read_metrics(run_dir, kind="step")]
 
 
 def assert_same_weights(checkpoint: Path, expected: Path) -> None:
@@ -144,16 +142,22 @@ def test_fsdp_shards_the_parameters_and_says_so(runs):
 
 def test_fsdp_trains_like_one_process(runs):
     fsdp, single = runs["fsdp"], runs["single"]
-    ours, theirs = _logged_losses(fsdp), _logged_losses(single)
+    ours, theirs = _logged_steps(fsdp), _logged_steps(single)
     assert len(ours) == len(theirs) == 8  # every optimizer step of both epochs
-    assert ours[0] == pytest.approx(math.log(2), rel=1e-6)  # policy == reference at the first step
+    assert ours[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # policy == reference at the first step
     for step, (mine, reference) in enumerate(zip(ours, theirs), 1):
-        assert math.isclose(mine, reference, rel_tol=TOLERANCE), f"step {step}: {mine} != {reference}"
+        for key in ("loss", "grad_norm", "accuracy", "margin"):
+            assert math.isclose(mine[key], reference[key], rel_tol=TOLERANCE, abs_tol=TOLERANCE), (
+                f"step {step} {key}: {mine[key]} != {reference[key]}"
+            )
     assert_same_metrics(fsdp, single)
     # The epoch checkpoints are whole HF models, gathered from the shards, equal to the one-process weights.
     for checkpoint in epoch_dirs(fsdp):
         assert_same_weights(checkpoint, single / checkpoint.name)
-        assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # the shards, for --resume
+    # The shards and optimizer state, which only --resume reads, are kept in the newest epoch alone.
+    resume_state = {"pytorch_model_fsdp_0", "optimizer_0"}
+    assert resume_state <= {path.name for path in (fsdp / "epoch-2").iterdir()}
+    assert not resume_state & {path.name for path in (fsdp / "epoch-1").iterdir()}
 
 
 def test_fsdp_reference_cache_is_written_once_with_the_one_process_values(runs):
