@@ -50,8 +50,10 @@ def hold_after_epoch_1(*args):
     run_dir = Path(os.environ["GATE_RUN_DIR"])
     if (run_dir / "epoch-1").is_dir():
         (run_dir.parent / f"gate-reached-{os.getpid()}").touch()
-        while True:
+        launcher = os.getppid()
+        while os.getppid() == launcher:  # a rank whose launcher is gone (a failed test) must not hold forever
             time.sleep(0.05)
+        os._exit(1)
     return dpo_loss(*args)
 '''
 
@@ -89,7 +91,10 @@ def _launch(workspace: Path, name: str, gated: bool = False, resume: bool = Fals
 
 def _finish(workspace: Path, name: str, process: subprocess.Popen) -> str:
     code = process.wait(timeout=600)
-    assert code == 0, (workspace / f"{name}.err").read_text()[-3000:]
+    assert code == 0, (
+        f"exit {code}\n--- stdout:\n{(workspace / f'{name}.out').read_text()[-1500:]}\n"
+        f"--- stderr:\n{(workspace / f'{name}.err').read_text()[-3000:]}"
+    )
     return (workspace / f"{name}.out").read_text()
 
 
@@ -196,9 +201,9 @@ def test_fsdp_kill_during_epoch_2_then_resume_matches_the_uninterrupted_run(runs
             os.kill(int(reached.name.rsplit("-", 1)[1]), signal.SIGKILL)
         assert launcher.wait(timeout=120) != 0
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        if launcher.poll() is None:  # torchrun stops its ranks on SIGTERM
+            launcher.terminate()
+            launcher.wait(timeout=120)
     run_dir = workspace / name / "smoke"
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
 
