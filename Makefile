@@ -10,7 +10,7 @@ LAUNCH ?= $(if $(filter 1,$(HAS_GPU)),$(BIN)/accelerate launch --config_file rec
 SWEEP_CONFIGS ?= configs/beta0.3.yaml configs/beta0.3_lr1e-5.yaml configs/beta0.5.yaml configs/beta0.7.yaml
 ARGS ?=
 
-.PHONY: install test smoke train eval sweep sweep-smoke bench
+.PHONY: install test smoke train eval sweep sweep-smoke bench docker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,9 @@ sweep-smoke:
 # This recipe's trainer against plain trl.DPOTrainer in one run; writes benchmarks/results.md.
 bench:
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+# The CUDA image (Dockerfile); another base: make docker BASE_IMAGE=pytorch/pytorch:<tag>. Linted in the tests, not built there.
+DOCKER_IMAGE ?= dpo-recipe
+BASE_IMAGE ?=
+docker:
+	docker build -t $(DOCKER_IMAGE) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .

@@ -711,7 +711,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     report = DataReport()
     splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
     tokenizer_source = str(resume_from) if resume_from is not None else None
-    training_texts = [text for p in splits.train for text in (p.prompt, p.chosen, p.rejected)]
+    training_texts = [text for p in splits.train for text in p.texts()]
     tokenizer = load_tokenizer(config.model, training_texts, source=tokenizer_source)
     data = prepare_data(splits, tokenizer, config.data, report)
     model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
