@@ -66,6 +66,11 @@ CONFIG_MISTAKES = {
         "data.val_fraction leaves no training pairs out of data.num_pairs = 4 (got 0.9)",
     ),
     "unknown choice": ("  precision: fp64\n", "training.precision must be one of auto, bf16, fp32, fp16 (got 'fp64')"),
+    "attention without a 4D mask": (
+        "model:\n  attn_implementation: flash_attention_2\n",
+        "model.attn_implementation 'flash_attention_2' cannot read the shared-prompt mask: use one of sdpa, eager, "
+        "or set training.prompt_sharing: false",
+    ),
 }
 
 
@@ -82,7 +87,7 @@ def test_config_mistake_is_one_line_naming_file_and_key(tmp_path, mistake):
 # (--set flag, what the error must say after naming that flag): the flag is the source, not the file it overrides.
 OVERRIDE_MISTAKES = {
     "loss.beta=-1": "loss.beta must be > 0 (got -1.0)",
-    "loss.betta=0.1": "unknown key 'loss.betta' (allowed here: beta, label_smoothing, type)",
+    "loss.betta=0.1": "unknown key 'loss.betta' (allowed here: beta, label_smoothing, rpo_alpha, type)",
     "training.num_epochs=three": "training.num_epochs must be an integer, got 'three'",
     "model.lora={r: 0}": "model.lora.r must be >= 1 (got 0)",
     "training.precision=fp64": "training.precision must be one of auto, bf16, fp32, fp16 (got 'fp64')",
@@ -144,7 +149,7 @@ def test_unknown_loss_type_fails_before_any_data_is_read(tmp_path, capsys):
     path = write_config(tmp_path, "loss:\n  type: dop\n")
     code, line = call_main(capsys, "train", "--config", str(path))
     assert code == 2
-    assert line.startswith(f"error: {path}: loss.type 'dop' is not one of dpo, ipo, cdpo nor a dotted path")
+    assert line.startswith(f"error: {path}: loss.type 'dop' is not one of dpo, ipo, cdpo, hinge, robust nor a dotted path")
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -363,7 +368,7 @@ def test_models_load_as_safetensors_and_remote_code_stays_off_unless_asked(monke
         config = ModelConfig(name_or_path="some/model", trust_remote_code=trust)
         with pytest.raises(models.ConfigError, match=r"^model.name_or_path: cannot load 'some/model' \(some/model is not"):
             models.build_model(config, tokenizer, seed=0, max_length=64)
-        with pytest.raises(models.ConfigError, match=r"^model.tokenizer: cannot load tokenizer 'some/model'"):
+        with pytest.raises(models.ConfigError, match=r"^model.name_or_path: cannot load tokenizer 'some/model'"):
             models.load_tokenizer(config)
     model_calls = [c for c in calls if "use_safetensors" in c]
     assert [c["trust_remote_code"] for c in model_calls] == [False, True]

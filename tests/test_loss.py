@@ -72,7 +72,9 @@ def test_conservative_dpo_and_ipo_closed_forms():
     expected_cdpo = (1 - epsilon) * math.log1p(math.exp(-x)) + epsilon * math.log1p(math.exp(x))
     cdpo = resolve_loss("cdpo", label_smoothing=epsilon)
     assert cdpo(*logps, beta)[0].item() == pytest.approx(expected_cdpo, rel=1e-12)
-    assert ipo_loss(*logps, beta)[0].item() == pytest.approx((2.0 - 1 / (2 * beta)) ** 2, rel=1e-12)
+    # IPO's log-ratios are per token: +1 over 4 chosen tokens, -1 over 2 rejected ones.
+    counts = {"chosen_tokens": torch.tensor([4]), "rejected_tokens": torch.tensor([2])}
+    assert ipo_loss(*logps, beta, **counts)[0].item() == pytest.approx((0.25 + 0.5 - 1 / (2 * beta)) ** 2, rel=1e-12)
 
 
 def test_custom_loss_by_dotted_path():
@@ -116,8 +118,21 @@ def _with_float64_log_probs(forward):
     return wrapped
 
 
-@pytest.mark.parametrize("share_prompt", [True, False])
-def test_trainer_loss_equals_trl_sigmoid_on_a_real_batch(tokenizer, tiny_gpt2, tmp_path, share_prompt):
+# Our loss config and TRL's DPOConfig arguments for the same definition.
+SAME_LOSS_IN_TRL = {
+    "dpo": ({"loss_type": "dpo"}, {"loss_type": ["sigmoid"]}),
+    "ipo": ({"loss_type": "ipo"}, {"loss_type": ["ipo"]}),
+    "hinge": ({"loss_type": "hinge"}, {"loss_type": ["hinge"]}),
+    "robust": ({"loss_type": "robust", "label_smoothing": 0.1}, {"loss_type": ["robust"], "label_smoothing": 0.1}),
+    "rpo": ({"loss_type": "dpo", "rpo_alpha": 0.5}, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}),
+}
+
+
+@pytest.mark.parametrize(
+    "loss, share_prompt", [("dpo", False), ("ipo", False), *((name, True) for name in SAME_LOSS_IN_TRL)]
+)
+def test_trainer_loss_equals_trls_on_a_real_batch(tokenizer, tiny_gpt2, tmp_path, loss, share_prompt):
+    ours_config, trl_config = SAME_LOSS_IN_TRL[loss]
     pairs = _tokenized_pairs(tokenizer)
     tiny_gpt2 = tiny_gpt2.double()
     reference = copy.deepcopy(tiny_gpt2)
@@ -128,7 +143,8 @@ def test_trainer_loss_equals_trl_sigmoid_on_a_real_batch(tokenizer, tiny_gpt2, t
     policy = copy.deepcopy(tiny_gpt2)
 
     trl_trainer = _PreTokenizedTRL(
-        model=tiny_gpt2, ref_model=reference, args=_arguments(tmp_path), train_dataset=pairs, processing_class=tokenizer
+        model=tiny_gpt2, ref_model=reference, args=_arguments(tmp_path, **trl_config),
+        train_dataset=pairs, processing_class=tokenizer,
     )
     trl_batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)([pairs[i] for i in range(len(pairs))])
     trl_trainer.model.train()
@@ -146,18 +162,25 @@ def test_trainer_loss_equals_trl_sigmoid_on_a_real_batch(tokenizer, tiny_gpt2, t
     ours = RecipeDPOTrainer(
         model=policy, ref_model=reference_copy, args=_arguments(tmp_path, precompute_ref_log_probs=True),
         data_collator=PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt), train_dataset=pairs,
-        processing_class=tokenizer, loss_fn=dpo_loss, reference_cache_dir=str(tmp_path / "cache"),
+        processing_class=tokenizer, loss_fn=resolve_loss(**ours_config), reference_cache_dir=str(tmp_path / "cache"),
     )
     batch = ours.data_collator([ours.train_dataset[i] for i in range(len(pairs))])
     ours.model.train()
     our_loss = ours.compute_loss(ours.model, batch).item()
-    our_metrics = {key: values[-1] for key, values in ours._metrics["train"].items()}
+    our_metrics = logged_means(ours)
 
     assert our_loss == pytest.approx(trl_loss, abs=1e-6)
     assert our_loss == pytest.approx(trl_fp32_loss, abs=2e-5)  # TRL unmodified, at its own fp32 rounding
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert our_metrics[key] == pytest.approx(trl_metrics[key], abs=1e-6), key
     assert abs(trl_metrics["rewards/margins"]) > 1e-3  # the comparison is not between zeros
+
+
+def logged_means(trainer: RecipeDPOTrainer) -> dict[str, float]:
+    """What the trainer's next log line would show for the steps so far, under TRL's metric names."""
+    logs = {"loss": float("nan")}
+    trainer.log(logs)
+    return logs
 
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(tokenizer, tiny_gpt2, tmp_path):
@@ -172,5 +195,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(tokenizer, tiny_gp
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch).item()
     assert loss == pytest.approx(math.log(2), abs=1e-6)
-    assert trainer._metrics["train"]["rewards/chosen"][-1] == pytest.approx(0.0, abs=1e-6)
-    assert trainer._metrics["train"]["rewards/rejected"][-1] == pytest.approx(0.0, abs=1e-6)
+    logged = logged_means(trainer)
+    assert logged["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert logged["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert logged["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)

@@ -9,11 +9,13 @@ import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
-from dpo_recipe.config import DataConfig
+from dpo_recipe.config import SHARED_PROMPT_ATTENTION, DataConfig, load_config
 from dpo_recipe.data import DataReport, PreferencePair, split_dialogue, tokenize_pairs
 from dpo_recipe.packing import PairCollator, dataset_pair_logps, make_collator, pair_logps
 from dpo_recipe.synthetic import hh_length_rows
 from dpo_recipe.trainer import prepare_run
+
+from conftest import REPO
 
 
 def shared_row(prompt: list[int], chosen: list[int], rejected: list[int]) -> tuple[int, ...]:
@@ -54,6 +56,40 @@ def test_cached_reference_logps_equal_a_fresh_pass(smoke_config, tmp_path):
     torch.testing.assert_close(torch.tensor(cached["ref_rejected_logps"], dtype=rejected.dtype), rejected)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        # The same seed and shapes give bit-identical weights: only the head split differs.
+        "model.tiny={n_layer: 2, n_embd: 64, n_head: 8}",
+        "model.attn_implementation=eager",
+        "training.prompt_sharing=false",
+    ],
+)
+def test_a_change_to_what_the_reference_computes_misses_the_cache(smoke_config, tmp_path, change):
+    first = prepare_run(smoke_config())
+    changed = prepare_run(smoke_config(f"training.output_dir={tmp_path / 'changed'}", change))
+    assert first.trainer.reference_cache_hits == {"train": False, "eval": False}
+    assert changed.trainer.reference_cache_hits == {"train": False, "eval": False}
+    if change.startswith("model.tiny"):
+        weights = [run.trainer.model.state_dict() for run in (first, changed)]
+        assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_the_four_study_configs_share_one_reference_pass(tmp_path):
+    """The sweep points differ in beta, learning rate and epochs only, none of which the reference sees."""
+    offline = [  # the same local stand-ins for gpt2 and hh-rlhf in every run
+        "model.tiny={n_layer: 1, n_embd: 32, n_head: 2}", "model.tokenizer=local-bpe", "data.source=synthetic",
+        "data.num_pairs=40", "data.num_test_pairs=8", "data.max_length=64",
+        f"training.reference_cache_dir={tmp_path / 'cache'}", f"training.output_dir={tmp_path / 'runs'}",
+    ]
+    hits = []
+    for name in ("beta0.3", "beta0.3_lr1e-5", "beta0.5", "beta0.7"):
+        run = prepare_run(load_config(REPO / "configs" / f"{name}.yaml", offline))
+        hits.append(run.trainer.reference_cache_hits)
+    assert hits == [{"train": False, "eval": False}] + [{"train": True, "eval": True}] * 3
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # train and val, once
+
+
 @pytest.fixture
 def uneven_pairs(tokenizer):
     """Six tokenized pairs whose prompts and responses differ in length, so every batch is padded."""
@@ -75,17 +111,21 @@ def direct_logp(model, prompt: list[int], response: list[int]) -> float:
     return -output.loss.item() * len(response)  # the loss is the mean over the response tokens
 
 
+@pytest.mark.parametrize("attention", SHARED_PROMPT_ATTENTION)
 @pytest.mark.parametrize("model_fixture", ["tiny_gpt2", "tiny_llama"])
-def test_shared_prompt_logps_equal_separate_and_direct_ones(model_fixture, uneven_pairs, tokenizer, request):
+def test_shared_prompt_logps_equal_separate_and_direct_ones(model_fixture, attention, uneven_pairs, tokenizer, request):
+    """Every attention implementation the recipe accepts, in both layouts, scores exactly what a plain forward does."""
     model = request.getfixturevalue(model_fixture)
     add_fused_lm_head(model)
     with torch.no_grad():
-        shared = pair_logps(model, PairCollator(tokenizer.pad_token_id, share_prompt=True)(uneven_pairs))
-        separate = pair_logps(model, PairCollator(tokenizer.pad_token_id, share_prompt=False)(uneven_pairs))
         direct = [
             torch.tensor([direct_logp(model, e["prompt_ids"], e[key]) for e in uneven_pairs], dtype=torch.float64)
             for key in ("chosen_ids", "rejected_ids")
-        ]
+        ]  # computed with the default attention (sdpa) and no custom mask
+        model.set_attn_implementation(attention)
+        assert model.config._attn_implementation == attention
+        shared = pair_logps(model, PairCollator(tokenizer.pad_token_id, share_prompt=True)(uneven_pairs))
+        separate = pair_logps(model, PairCollator(tokenizer.pad_token_id, share_prompt=False)(uneven_pairs))
     for got, want in zip(separate, direct):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
     for got, want in zip(shared, separate):

@@ -9,7 +9,7 @@ import pytest
 
 from dpo_recipe.cli import main
 from dpo_recipe.evaluate import evaluate_paths
-from dpo_recipe.report import overfitting_onset, write_sweep_report
+from dpo_recipe.report import overfitting_onset, plot_run, write_sweep_report
 from dpo_recipe.trainer import read_metrics, run_training
 
 
@@ -74,3 +74,28 @@ def test_smoke_sweep_writes_a_report_with_table_and_plots(smoke_config, tmp_path
         assert f"]({image})" in mine.read_text() and (out.parent / image).is_file()
     assert {image: (out.parent / image).read_bytes() for image in figures} == figures
     assert "](sweep_" not in mine.read_text()
+
+
+def test_a_one_epoch_run_plots_its_training_curve_per_logged_step(tmp_path, monkeypatch):
+    """metrics.jsonl -> PNG: six logged steps and a mid-epoch evaluation are curves, not a single dot per epoch."""
+    import matplotlib.axes
+
+    train = {"loss": 0.6, "margin": 0.1, "accuracy": 0.5, "chosen_reward": 0.0, "rejected_reward": -0.1}
+    val = {"loss": 0.65, "margin": 0.05, "accuracy": 0.55, "chosen_reward": 0.0, "rejected_reward": -0.05}
+    records = [{"kind": "step", "epoch": step / 6, "step": step, "train": {**train, "loss": 0.7 - 0.02 * step}}
+               for step in range(1, 7)]  # fmt: skip
+    records.insert(3, {"kind": "eval", "epoch": 0.5, "step": 3, "val": val})
+    records.append({"kind": "epoch", "epoch": 1, "step": 6, "train": train, "val": val})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or real_plot(self, x, y, *a, **k))
+    written = plot_run(tmp_path)
+    assert [path.name for path in written] == ["loss.png", "rewards.png", "accuracy.png"]
+    assert all(matplotlib.image.imread(path).shape[0] > 100 for path in written)
+    smoothed_loss, raw_loss, val_loss = drawn[:3]
+    assert raw_loss == ([step / 6 for step in range(1, 7)], pytest.approx([0.7 - 0.02 * step for step in range(1, 7)]))
+    assert smoothed_loss[0] == raw_loss[0] and smoothed_loss[1][0] == raw_loss[1][0]
+    assert smoothed_loss[1][-1] > raw_loss[1][-1]  # a falling curve, smoothed, lags behind
+    assert val_loss == ([0.5, 1], [0.65, 0.65])  # the mid-epoch evaluation and the epoch end

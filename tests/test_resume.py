@@ -1,11 +1,13 @@
 """Exact resume, atomic epoch checkpoints, divergence and Ctrl-C, each against a real interruption of a real run.
 
-Every run here trains the smoke config for 2 epochs on 16 pairs (2 optimizer steps of 8 per epoch), compared with
-one uninterrupted run of the same config (`baseline`): final weights and every metrics.jsonl value within 1e-5.
+Every run here trains the smoke config for 2 epochs on 32 pairs (4 optimizer steps of 8 per epoch, in an order
+that changes between epochs), compared with one uninterrupted run of the same config (`baseline`): final
+weights and every metrics.jsonl value within 1e-5.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -26,7 +28,7 @@ from conftest import REPO, SMOKE_CONFIG
 
 TOLERANCE = 1e-5
 SMALL_RUN = [
-    "training.num_epochs=2", "data.num_pairs=20", "data.num_test_pairs=4", "data.max_length=64",
+    "training.num_epochs=2", "data.num_pairs=40", "data.num_test_pairs=4", "data.max_length=64",
     "training.effective_batch_size=8", "training.per_device_batch_size=8",
 ]
 # Wall-clock throughput differs between any two runs; everything else in a metrics record must match.
@@ -51,19 +53,33 @@ def hold_after_epoch_1(*args):
             time.sleep(0.02)
     return dpo_loss(*args)
 '''
-# dpo_loss, but nan from the 5th call on: calls 1-2 are epoch 1's steps, 3 is its validation, 4 is step 3, 5 is step 4.
+# dpo_loss, but nan from the 7th call on: calls 1-4 are epoch 1's steps, 5 is its validation, 6 is step 5, 7 is step 6.
 NAN_MODULE = '''
 from dpo_recipe.loss import dpo_loss
 
 calls = 0
 
 
-def nan_from_call_5(*args):
+def nan_from_call_7(*args):
     global calls
     calls += 1
     losses, chosen_rewards, rejected_rewards = dpo_loss(*args)
-    return (losses * float("nan") if calls >= 5 else losses), chosen_rewards, rejected_rewards
+    return (losses * float("nan") if calls >= 7 else losses), chosen_rewards, rejected_rewards
 '''
+# dpo_loss that appends each batch's pairs (their reference log-probs, which identify them) to BATCH_LOG.
+ORDER_MODULE = '''
+import json
+import os
+
+from dpo_recipe.loss import dpo_loss
+
+
+def record_batches(*args):
+    with open(os.environ["BATCH_LOG"], "a") as log:
+        log.write(json.dumps([round(value, 4) for value in args[2].tolist()]) + "\\n")
+    return dpo_loss(*args)
+'''
+STEPS_PER_EPOCH = 4
 
 
 def _overrides(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -78,15 +94,29 @@ def workspace(tmp_path_factory):
     modules.mkdir()
     (modules / "gate_loss.py").write_text(GATE_MODULE)
     (modules / "nan_loss.py").write_text(NAN_MODULE)
+    (modules / "order_loss.py").write_text(ORDER_MODULE)
     return root
 
 
 @pytest.fixture(scope="module")
 def baseline(workspace):
     """One uninterrupted run; it also fills the reference cache that every later run reads."""
-    config = load_config(SMOKE_CONFIG, _overrides(workspace / "baseline", workspace / "ref_cache"))
-    assert run_training(config) == 0
-    return config.run_dir
+    overrides = _overrides(workspace / "baseline", workspace / "ref_cache", "loss.type=order_loss:record_batches")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(workspace / "modules"))
+        patch.setenv("BATCH_LOG", str(workspace / "batches.jsonl"))
+        assert run_training(load_config(SMOKE_CONFIG, overrides)) == 0
+    return workspace / "baseline" / "smoke"
+
+
+def test_the_batch_order_differs_between_epochs(workspace, baseline):
+    """Otherwise a lost sampler or RNG state on resume would go unnoticed: every epoch would replay one order."""
+    calls = [json.loads(line) for line in (workspace / "batches.jsonl").read_text().splitlines()]
+    per_epoch = STEPS_PER_EPOCH + 1  # the steps, then one validation batch
+    assert len(calls) == 2 * per_epoch
+    epoch_1, epoch_2 = calls[:STEPS_PER_EPOCH], calls[per_epoch : per_epoch + STEPS_PER_EPOCH]
+    assert sorted(v for batch in epoch_1 for v in batch) == sorted(v for batch in epoch_2 for v in batch)
+    assert epoch_1[1:] != epoch_2[1:]  # the first (longest) batch stays first; the others are reshuffled
 
 
 def _config(workspace: Path, name: str, *extra: str):
@@ -169,7 +199,7 @@ def test_checkpoints_hold_weights_only_as_safetensors(baseline):
     assert (baseline / "reference" / "model.safetensors").is_file()
 
 
-def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(workspace, baseline, gated_run):
+def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(workspace, baseline, gated_run, capsys):
     process, output_dir, run_dir = gated_run("killed")
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
@@ -177,6 +207,7 @@ def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(worksp
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
 
     assert run_training(_config(workspace, "killed"), resume=True) == 0
+    assert f"resuming {run_dir} from epoch-1 (step 4)" in capsys.readouterr().out
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1", "epoch-2"]
     assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2")
     assert_same_metrics(run_dir, baseline)
@@ -193,7 +224,10 @@ def test_sigint_stops_cleanly_and_the_printed_command_resumes_exactly(workspace,
     assert "Traceback" not in stderr
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
     assert not list(run_dir.glob("checkpoint-*"))  # the stopped epoch was not saved at all
-    match = re.search(r"interrupted; last complete checkpoint: (\S+)\. Resume with: .* --config (\S+) --resume", stderr)
+    # Launched as `python -m dpo_recipe train`, so resumed the same way (not through `accelerate launch`).
+    match = re.search(
+        r"interrupted; last complete checkpoint: (\S+)\. Resume with: python -m dpo_recipe train --config (\S+) --resume", stderr
+    )
     assert match, stderr[-2000:]
     assert Path(match.group(1)) == run_dir / "epoch-1"
 
@@ -236,12 +270,12 @@ def test_a_save_that_fails_midway_is_never_loaded_and_is_cleaned_on_resume(works
 def test_nan_loss_stops_with_exit_3_naming_the_step_and_keeps_epoch_1(workspace, baseline, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(workspace / "modules"))
     output_dir = workspace / "diverged"
-    overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=nan_loss:nan_from_call_5")
+    overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=nan_loss:nan_from_call_7")
     code = main(["train", "--config", str(SMOKE_CONFIG), *(a for o in overrides for a in ("--set", o))])
     error_lines = capsys.readouterr().err.strip().splitlines()
     assert code == 3
     assert error_lines[-1] == (
-        "error: training diverged: loss became nan at optimizer step 4 (epoch 1.50); the last good checkpoint is intact"
+        "error: training diverged: loss became nan at optimizer step 6 (epoch 1.25); the last good checkpoint is intact"
     )
     run_dir = output_dir / "smoke"
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]

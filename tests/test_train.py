@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 from dpo_recipe.cli import main
-
-from dpo_recipe.trainer import epoch_dirs, prepare_run, read_metrics, run_training
-
+from dpo_recipe.data import DataReport, load_text_splits
+from dpo_recipe.evaluate import RunScorer
 from dpo_recipe.synthetic import synthetic_rows
+from dpo_recipe.trainer import epoch_dirs, prepare_run, read_metrics, run_training
 
 from conftest import REPO, write_jsonl
 
@@ -47,6 +47,8 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     indices = json.loads((run_dir / "data_indices.json").read_text())
     assert (len(indices["train"]), len(indices["val"]), len(indices["test"])) == (192, 48, 48)
+    for record in records:  # 48 validation pairs in batches of 32: a short last batch must not weigh as a full one
+        assert_logged_eval_metrics_equal_the_record(run_dir / f"epoch-{record['epoch']}", record)
     best = json.loads((run_dir / "best.json").read_text())
     val_losses = {r["epoch"]: r["val"]["loss"] for r in records}
     assert best["epoch"] == min(val_losses, key=val_losses.get)
@@ -130,9 +132,119 @@ def test_two_process_launch_keeps_the_effective_batch(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batch: 2 process(es) x micro-batch 8 x accumulation 1 = effective batch 16" in result.stdout
-    records = read_metrics(out / "smoke")
+    run_dir = out / "smoke"
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [12, 24]  # ceil(192 / 16) optimizer steps per epoch
     assert [r["train"]["pairs"] for r in records] == [192, 192]  # every pair once per epoch, across both ranks
+    # 48 validation pairs in batches of 32 per process: accelerate pads the last round with 16 repeated pairs, and
+    # each real pair must still count once, with the metrics one process computes for the same weights.
+    for record in records:
+        assert record["val"]["pairs"] == 48
+        expected = single_process_validation(run_dir, run_dir / f"epoch-{record['epoch']}")
+        for key, value in expected.items():
+            assert record["val"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert_logged_eval_metrics_equal_the_record(run_dir / f"epoch-{record['epoch']}", record)
+
+
+def single_process_validation(run_dir, checkpoint) -> dict[str, float]:
+    """A run's validation metrics for one checkpoint, recomputed here in one process from its config and data."""
+    scorer = RunScorer(run_dir, checkpoint)
+    splits = load_text_splits(scorer.config.data, scorer.config.training.seed, DataReport())
+    val = scorer.tokenize(splits.val, "val", DataReport())
+    policy = scorer.logps(scorer.policy_model(checkpoint), val)
+    reference = scorer.logps(scorer.reference_model(), val)
+    losses, chosen, rejected = scorer.loss(*policy, *reference, val)
+    return {
+        "loss": losses.mean().item(), "accuracy": (chosen > rejected).double().mean().item(),
+        "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
+    }
+
+
+def assert_logged_eval_metrics_equal_the_record(checkpoint, record) -> None:
+    """What the trackers got (trainer_state.json's log history, as sent to wandb) equals metrics.jsonl exactly."""
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "eval_loss" in entry][-1]
+    val = record["val"]
+    assert logged["eval_loss"] == pytest.approx(val["loss"], rel=1e-12)
+    assert logged["eval_rewards/accuracies"] == pytest.approx(val["accuracy"], rel=1e-12)
+    assert logged["eval_rewards/margins"] == pytest.approx(val["margin"], rel=1e-12)
+    assert logged["eval_rewards/chosen"] == pytest.approx(val["chosen_reward"], rel=1e-12)
+    assert logged["eval_logps/rejected"] == pytest.approx(val["logps_rejected"], rel=1e-12)
+
+
+def test_eval_steps_max_steps_and_checkpoint_retention(smoke_config):
+    """Mid-epoch validation lands in metrics.jsonl; resume state (optimizer) stays in the newest epoch only."""
+    config = smoke_config("training.eval_steps=6")
+    assert run_training(config) == 0
+    run_dir = config.run_dir
+    # Steps 12, 24 and 36 end epochs, which validate anyway: no second pass there.
+    assert [r["step"] for r in read_metrics(run_dir, "eval")] == [6, 18, 30]
+    assert [r["step"] for r in read_metrics(run_dir, "step")] == [6, 12, 18, 24, 30, 36]  # logging_steps 6
+    assert all(r["val"]["pairs"] == 48 for r in read_metrics(run_dir, "eval"))
+    has_optimizer = [(path / "optimizer.pt").is_file() for path in epoch_dirs(run_dir)]
+    assert has_optimizer == [False, False, True]
+    assert all((path / "model.safetensors").is_file() for path in epoch_dirs(run_dir))
+
+    # 30 steps are two and a half epochs: the partial third is evaluated and saved as epoch 3.
+    short = smoke_config("run_name=short", "training.max_steps=30", "training.keep_epochs=best_and_last")
+    assert run_training(short) == 0
+    records = read_metrics(short.run_dir)
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 12), (2, 24), (3, 30)]
+    best = json.loads((short.run_dir / "best.json").read_text())["checkpoint"]
+    assert {path.name for path in epoch_dirs(short.run_dir)} == {best, "epoch-3"}
+    assert (short.run_dir / "epoch-3" / "optimizer.pt").is_file()
+
+
+def test_a_smoke_run_prints_a_few_readable_lines(tmp_path):
+    """Non-TTY output: no progress bars, no raw dicts, one line per logging step and per epoch."""
+    command = [
+        sys.executable, "scripts/train.py", "--config", "configs/smoke.yaml",
+        "--set", f"training.output_dir={tmp_path}", "--set", f"training.reference_cache_dir={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) <= 20, "\n".join(lines)
+    assert not [line for line in lines if "it/s]" in line or "%|" in line]  # progress bars
+    assert not [line for line in lines if line.lstrip().startswith("{")]  # transformers' raw log dicts
+    assert not [line for line in lines if "Warning" in line or "warnings.warn" in line]
+    assert sum(line.startswith("step ") for line in lines) == 6 and sum(line.startswith("epoch ") for line in lines) == 3
+
+
+def test_tensorboard_event_files_hold_the_metrics_jsonl_values(smoke_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = smoke_config("logging.report_to=[jsonl, tensorboard]", "training.num_epochs=2")
+    assert run_training(config) == 0
+    [events] = (config.run_dir / "tensorboard").glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload()
+
+    def series(tag):
+        return {event.step: event.value for event in scalars.Scalars(tag)}
+
+    steps = read_metrics(config.run_dir, "step")
+    assert series("train/loss") == pytest.approx({r["step"]: r["train"]["loss"] for r in steps}, rel=1e-6)
+    assert series("train/rewards/accuracies") == pytest.approx({r["step"]: r["train"]["accuracy"] for r in steps}, rel=1e-6)
+    epochs = read_metrics(config.run_dir)
+    assert series("eval/loss") == pytest.approx({r["step"]: r["val"]["loss"] for r in epochs}, rel=1e-6)
+    assert series("eval/rewards/margins") == pytest.approx({r["step"]: r["val"]["margin"] for r in epochs}, rel=1e-6)
+
+
+def test_early_stopping_ends_the_run_once_validation_stops_improving(smoke_config):
+    # At this learning rate the smoke run's validation loss is lowest after epoch 1 and rises after it.
+    config = smoke_config("training.num_epochs=6", "training.early_stopping_patience=2")
+    assert run_training(config) == 0
+    records = read_metrics(config.run_dir)
+    losses = [r["val"]["loss"] for r in records]
+    assert [r["epoch"] for r in records] == [1, 2, 3]  # two epochs without improvement after the best
+    assert losses[0] < min(losses[1:])
+    assert json.loads((config.run_dir / "best.json").read_text())["epoch"] == 1
+
+    # The patience counter is part of the checkpoint: a resumed run goes on counting, and stops at once here.
+    assert run_training(config, resume=True) == 0
+    assert [r["epoch"] for r in read_metrics(config.run_dir)] == [1, 2, 3, 4]
+    assert json.loads((config.run_dir / "best.json").read_text())["epoch"] == 1
 
 
 def test_a_second_run_needs_resume_or_overwrite_and_overwrite_starts_clean(tmp_path, capsys):

@@ -217,7 +217,7 @@ def _recipe_trainer(job: Job, settings: BenchSettings, model, tokenizer, train, 
         data_collator=make_collator(tokenizer.pad_token_id, config.training.prompt_sharing, config.training.pad_to_multiple_of),
         train_dataset=train,
         processing_class=tokenizer,
-        loss_fn=resolve_loss(config.loss.type, config.loss.label_smoothing),
+        loss_fn=resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha),
         reference_cache_dir=config.training.reference_cache_dir,
     )
 

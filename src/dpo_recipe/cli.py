@@ -38,10 +38,10 @@ def _command_train(args) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    check_hub_access(config)  # before torch, trl and the hub libraries are imported: they read HF_HUB_OFFLINE once
+    check_hub_access(config)  # before any model or data is loaded
     from .trainer import run_training  # imported after the config is known good: torch and trl take seconds
 
-    return run_training(config, resume=args.resume)
+    return run_training(config, resume=args.resume, verbose=args.verbose)
 
 
 def _command_print_config(args) -> int:
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--strict", action="store_true", help="any bad data row is an error naming file:line")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument(
+        "--verbose", action="store_true", help="everything: transformers' log dicts, progress bars and warnings"
+    )
     train.set_defaults(handler=_command_train)
 
     show = commands.add_parser("print-config", help="print the fully resolved config (loads no model or data)")
@@ -180,11 +183,26 @@ def _name_the_source(message: str, config_file: str, overrides: list[str]) -> st
     return f"{config_file}: {message}"
 
 
+def quiet_third_party_output() -> None:
+    """No progress bars for saving and loading, and no warnings known to be benign; `--verbose` keeps them all."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards", "Loading weights": per file, per call
+    # TRL and PEFT still call the old name internally; nothing the user can change, and it works until v6.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # DDP over tiny models with frozen LoRA bases: torch's own hint that a flag costs time, not a fault.
+    warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified in DDP constructor")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
 
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        quiet_third_party_output()
     config_file = getattr(args, "config", None)
     try:
         return args.handler(args)

@@ -90,6 +90,15 @@ class TrainingConfig:
     pad_to_multiple_of: int | None = None
     reference_cache_dir: str = ".cache/reference_logps"
     best_metric: str = "loss"
+    # Stop after this many optimizer steps (the partial last epoch is evaluated and saved); null: num_epochs decides.
+    max_steps: int | None = None
+    # Also validate every this many optimizer steps (into metrics.jsonl and the plots); null: at epoch ends only.
+    eval_steps: int | None = None
+    # Every epoch's weights (`all`), or only the best and the newest (`best_and_last`). Optimizer state, which only
+    # resuming reads and which is twice the weights, is kept in the newest epoch alone either way.
+    keep_epochs: str = "all"
+    # Stop once validation (at epoch ends, by best_metric) has not improved for this many epochs; null: never.
+    early_stopping_patience: int | None = None
     logging_steps: int = 10
     dataloader_num_workers: int = 0
     # Start over when the run directory already holds checkpoints: the directory is removed first (or --overwrite).
@@ -98,15 +107,24 @@ class TrainingConfig:
 
 @dataclass
 class LossConfig:
-    # dpo, ipo, cdpo, or a dotted path `package.module:function` with dpo_loss's signature.
+    # dpo, cdpo, ipo, hinge, robust (TRL's definitions), or a dotted path `package.module:function` with dpo_loss's
+    # signature.
     type: str = "dpo"
     beta: float = 0.1
+    # The assumed rate of flipped labels, for cdpo and robust (and dpo, which it turns into cdpo).
     label_smoothing: float = 0.0
+    # RPO: adds this times the chosen responses' per-token NLL to the loss (TRL's loss_type [sigmoid, sft]).
+    rpo_alpha: float | None = None
+
+
+# Trackers a run can report to: metrics.jsonl is always written (it is the run's own record); tensorboard writes
+# event files under <run>/tensorboard; wandb logs a run (offline by default, see wandb_mode).
+REPORT_TARGETS = ("jsonl", "tensorboard", "wandb")
 
 
 @dataclass
 class LoggingConfig:
-    wandb: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     wandb_mode: str = "offline"
     wandb_project: str = "dpo-recipe"
 
@@ -173,8 +191,13 @@ CHOICES = {
     "training.precision": ("auto", "bf16", "fp32", "fp16"),
     "training.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
     "training.best_metric": ("loss", "accuracy", "margin"),
+    "training.keep_epochs": ("all", "best_and_last"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
 }
+
+
+# Attention implementations that read the shared-prompt layout's 4D mask (see `packing.SHARED_PROMPT_MASKS`).
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
 
 
 def redact_secrets(text: str) -> str:
@@ -285,12 +308,17 @@ def _validate(config: RecipeConfig) -> None:
     checks = [
         ("loss.beta", config.loss.beta > 0, "must be > 0"),
         ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("loss.rpo_alpha", (config.loss.rpo_alpha or 0) >= 0, "must be >= 0 or null"),
         ("training.learning_rate", config.training.learning_rate > 0, "must be > 0"),
         ("training.num_epochs", config.training.num_epochs >= 1, "must be >= 1"),
         ("training.effective_batch_size", config.training.effective_batch_size >= 1, "must be >= 1"),
         ("training.per_device_batch_size", config.training.per_device_batch_size >= 1, "must be >= 1"),
         ("training.eval_batch_size", config.training.eval_batch_size >= 1, "must be >= 1"),
         ("training.pad_to_multiple_of", (config.training.pad_to_multiple_of or 1) >= 1, "must be >= 1 or null"),
+        ("training.max_steps", (config.training.max_steps or 1) >= 1, "must be >= 1 or null"),
+        ("training.eval_steps", (config.training.eval_steps or 1) >= 1, "must be >= 1 or null"),
+        ("training.logging_steps", config.training.logging_steps >= 1, "must be >= 1"),
+        ("training.early_stopping_patience", (config.training.early_stopping_patience or 1) >= 1, "must be >= 1 or null"),
         ("training.warmup_ratio", 0 <= config.training.warmup_ratio < 1, "must be in [0, 1)"),
         ("data.max_length", config.data.max_length >= 16, "must be >= 16"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be in (0, 1)"),
@@ -313,6 +341,14 @@ def _validate(config: RecipeConfig) -> None:
         value = _get(config, key.split("."))
         if value not in allowed:
             raise ConfigError(f"{config.origin(key)}: {key} must be one of {', '.join(allowed)} (got {value!r})")
+    if config.training.prompt_sharing and config.model.attn_implementation not in SHARED_PROMPT_ATTENTION:
+        raise ConfigError(
+            f"{config.origin('model.attn_implementation')}: model.attn_implementation {config.model.attn_implementation!r} "
+            f"cannot read the shared-prompt mask: use one of {', '.join(SHARED_PROMPT_ATTENTION)}, or set training.prompt_sharing: false"
+        )
+    for target in config.logging.report_to:
+        if target not in REPORT_TARGETS:
+            raise ConfigError(f"{config.origin('logging.report_to')}: logging.report_to must list some of {', '.join(REPORT_TARGETS)} (got {target!r})")
     if config.model.lora is not None and config.model.lora.r < 1:
         raise ConfigError(f"{config.origin('model.lora.r')}: model.lora.r must be >= 1 (got {config.model.lora.r})")
     if config.model.tiny is None and not config.model.name_or_path:

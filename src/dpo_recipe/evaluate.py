@@ -40,7 +40,7 @@ from .data import (
 from .hub import check_hub_access
 from .loss import resolve_loss
 from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
-from .packing import dataset_pair_logps, make_collator
+from .packing import dataset_pair_logps, make_collator, response_token_counts
 from .reference import cache_path, cached_reference_logps
 from .trainer import BEST_FILE, BEST_LINK, EPOCH_PREFIX, epoch_dirs, resolve_precision
 
@@ -283,7 +283,7 @@ class RunScorer:
             self.tokenizer.pad_token_id, self.config.training.prompt_sharing, self.config.training.pad_to_multiple_of
         )
         self.batch_size = batch_size or self.config.training.eval_batch_size
-        self.loss_fn = resolve_loss(self.config.loss.type, self.config.loss.label_smoothing)
+        self.loss_fn = resolve_loss(self.config.loss.type, self.config.loss.label_smoothing, self.config.loss.rpo_alpha)
         self.beta = self.config.loss.beta
 
     def test_pairs(self, report: DataReport) -> list[PreferencePair]:
@@ -319,6 +319,14 @@ class RunScorer:
         model.to(self.device)
         return dataset_pair_logps(model, dataset, self.collator, self.batch_size, self.device, self.autocast)
 
+    def loss(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, dataset: Dataset):
+        """The run's loss and rewards for the pairs of `dataset`, whose log-probs are given."""
+        chosen_tokens, rejected_tokens = response_token_counts(dataset)
+        return self.loss_fn(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta,
+            chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
+        )
+
     def reference_model(self) -> torch.nn.Module:
         from trl.trainer.utils import add_fused_lm_head
 
@@ -327,9 +335,12 @@ class RunScorer:
         return model
 
     def cached_reference_logps(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, Path, bool]:
-        """Reference log-probs through the trainer's cache: keyed by weights, token ids and precision."""
+        """Reference log-probs through the trainer's cache (see `reference.cache_path` for its key)."""
         reference = self.reference_model()
-        path = cache_path(self.config.training.reference_cache_dir, model_fingerprint(reference), dataset, self.precision)
+        path = cache_path(
+            self.config.training.reference_cache_dir, model_fingerprint(reference), dataset, self.precision,
+            self.collator.layout,
+        )
         chosen, rejected, hit = cached_reference_logps(path, lambda: self.logps(reference, dataset))
         return chosen, rejected, path, hit
 
@@ -388,8 +399,8 @@ class RunEvaluator:
         policy = scorer.policy_model(checkpoint)
         policy_chosen, policy_rejected = scorer.logps(policy, self.dataset)
         del policy
-        losses, chosen_rewards, rejected_rewards = scorer.loss_fn(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, scorer.beta
+        losses, chosen_rewards, rejected_rewards = scorer.loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.dataset
         )
         best = scorer.run_dir / BEST_FILE
         best_checkpoint = json.loads(best.read_text())["checkpoint"] if best.is_file() else None
@@ -555,7 +566,7 @@ def rank_responses(
     # another row without prompt sharing), where float sums round differently (~1e-7): score such a pair once.
     same = torch.tensor([a == b for a, b in zip(dataset["chosen_ids"], dataset["rejected_ids"])], dtype=torch.bool)
     policy_b, reference_b = torch.where(same, policy_a, policy_b), torch.where(same, reference_a, reference_b)
-    _, rewards_a, rewards_b = scorer.loss_fn(policy_a, policy_b, reference_a, reference_b, scorer.beta)
+    _, rewards_a, rewards_b = scorer.loss(policy_a, policy_b, reference_a, reference_b, dataset)
     truncated = [kind for kind, count in report.truncated["rank"].items() if count]
     results = []
     for i, triple in enumerate(triples):

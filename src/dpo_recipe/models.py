@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -96,9 +97,21 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
     return model
 
 
+# Config entries that name or describe a model without changing what it computes.
+CONFIG_METADATA = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "_commit_hash")
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the weights a reference pass sees; LoRA adapter weights are left out (they are disabled then)."""
+    """A hash of the function a reference pass computes: the architecture, attention implementation and weights.
+
+    Weights alone miss whatever is not a tensor of the state dict: head count, activation, layer-norm eps, RoPE
+    settings (`inv_freq` is a buffer outside it), the attention kernel. LoRA adapter weights are left out (the
+    reference pass runs with the adapter disabled).
+    """
     digest = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in CONFIG_METADATA}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(f"attention:{model.config._attn_implementation}".encode())
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name:
             continue

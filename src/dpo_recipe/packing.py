@@ -26,12 +26,22 @@ from torch.utils.data import DataLoader
 
 IGNORE_INDEX = -100
 
+# How each attention implementation reads the shared layout's 4D mask. SDPA takes booleans (True = attend); eager
+# attention adds the mask to the scores, where True/False would become +1/0 and mask nothing. Kernels that take no
+# 4D mask at all (flash attention) need the separate layout; flex attention crashes on CPU in torch 2.13, so it is
+# not offered until it can be tested.
+SHARED_PROMPT_MASKS = {"sdpa": "boolean", "eager": "additive"}
+
 
 @dataclass
 class PairCollator:
     pad_token_id: int
     share_prompt: bool = True
     pad_to_multiple_of: int | None = None
+
+    @property
+    def layout(self) -> str:
+        return "shared_prompt" if self.share_prompt else "separate"
 
     def _padded_length(self, longest: int) -> int:
         if self.pad_to_multiple_of:
@@ -72,6 +82,8 @@ class PairCollator:
         batch["scored_chosen"] = chosen.flatten()[scored]  # chosen response, else rejected
         # Non-padding tokens per pair: what throughput counts, and the number of pairs in either layout.
         batch["pair_tokens"] = torch.tensor([len(row["input_ids"]) for row in rows]).view(-1, len(examples)).sum(0)
+        # Scored tokens per response, for losses that normalise by length (IPO).
+        batch["chosen_tokens"], batch["rejected_tokens"] = response_token_counts(examples)
         if "ref_chosen_logps" in examples[0]:
             # float64, like the sums they are compared with (see `pair_logps`)
             batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float64)
@@ -126,6 +138,12 @@ class PairCollator:
         return rows
 
 
+def response_token_counts(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's chosen and rejected token counts (every response token is scored), from examples or a dataset."""
+    columns = pairs if hasattr(pairs, "column_names") else {k: [e[k] for e in pairs] for k in ("chosen_ids", "rejected_ids")}
+    return tuple(torch.tensor([len(ids) for ids in columns[key]]) for key in ("chosen_ids", "rejected_ids"))
+
+
 GPU_PAD_MULTIPLE = 64
 
 
@@ -152,6 +170,23 @@ def _keep_scored_positions(backbone: torch.nn.Module, inputs, output):
     return output
 
 
+def attention_mask_for(backbone: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """The batch's mask in the form the model's attention implementation reads correctly."""
+    if mask.dim() != 4:
+        return mask  # a 2D padding mask: every implementation reads it the same way
+    implementation = backbone.config._attn_implementation
+    form = SHARED_PROMPT_MASKS.get(implementation)
+    if form is None:
+        raise ValueError(
+            f"attention implementation {implementation!r} cannot read the shared-prompt mask; use one of "
+            f"{', '.join(SHARED_PROMPT_MASKS)} or the separate layout (training.prompt_sharing: false)"
+        )
+    if form == "boolean":
+        return mask
+    # The most negative float rather than -inf: a softmax over -inf alone would be NaN (each row sees itself anyway).
+    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+
+
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each pair's chosen and rejected response, each of shape (pairs,).
 
@@ -169,7 +204,7 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     try:
         outputs = model(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            attention_mask=attention_mask_for(backbone, batch["attention_mask"]),
             position_ids=batch["position_ids"],
             shift_labels=batch["scored_labels"].unsqueeze(0),
             fused_lm_head=True,

@@ -1,7 +1,9 @@
 """Reference-model log-probabilities, computed once and cached on disk.
 
-The reference never changes during DPO, so its log-probs are a pure function of (reference weights, token ids,
-precision). Keyed by exactly that, one cache serves every epoch, every run of a sweep and every evaluation.
+The reference never changes during DPO, so its log-probs are a pure function of the reference model (architecture,
+attention implementation, weights: `models.model_fingerprint`), the token ids, the layout, the precision and the code
+that lays out and scores a batch. Keyed by exactly that, one cache serves every epoch, every run of a sweep and every
+evaluation, and nothing else.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
-CACHE_FORMAT = "v1"
+from . import packing
+
+CACHE_FORMAT = "v2"
+# The code that turns token ids into log-probs: a change to it must not reuse log-probs the old code computed.
+SCORING_CODE = hashlib.sha256(Path(packing.__file__).read_bytes()).hexdigest()[:16]
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
@@ -28,8 +34,9 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_path(cache_dir: str | os.PathLike, model_key: str, dataset: Dataset, precision: str) -> Path:
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{model_key}|{dataset_fingerprint(dataset)}|{precision}".encode())
+def cache_path(cache_dir: str | os.PathLike, model_key: str, dataset: Dataset, precision: str, layout: str) -> Path:
+    parts = (CACHE_FORMAT, SCORING_CODE, model_key, layout, dataset_fingerprint(dataset), precision)
+    key = hashlib.sha256("|".join(parts).encode())
     return Path(cache_dir) / f"{key.hexdigest()[:24]}.safetensors"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
@@ -45,26 +47,37 @@ class DivergenceError(RuntimeError):
     """The loss became nan or inf; raised before the optimizer step, so the last checkpoint is intact."""
 
 
-# Per-pair sums gathered each step; keeping sums (not per-batch means) makes epoch metrics exact.
+# Per-pair values gathered each step and summed; keeping sums (not per-batch means) makes every logged mean exact.
 STAT_NAMES = ("loss", "chosen_reward", "rejected_reward", "wins", "ties", "pairs", "tokens", "logps_chosen", "logps_rejected")
+# What each stat is logged as (TRL's names), besides the loss.
+LOGGED_MEANS = {
+    "rewards/chosen": "chosen_reward",
+    "rewards/rejected": "rejected_reward",
+    "rewards/margins": "margin",
+    "rewards/accuracies": "accuracy",
+    "logps/chosen": "logps_chosen",
+    "logps/rejected": "logps_rejected",
+}
 
 
 @dataclass
 class RunningTotals:
-    sums: dict[str, dict[str, float]] = field(default_factory=lambda: {"train": {}, "eval": {}})
+    """Sums per window: `train` (the epoch so far), `eval` (the current evaluation), `log` (since the last log line)."""
 
-    def reset(self, mode: str) -> None:
-        self.sums[mode] = dict.fromkeys(STAT_NAMES, 0.0)
+    sums: dict[str, dict[str, float]] = field(default_factory=lambda: {"train": {}, "eval": {}, "log": {}})
 
-    def add(self, mode: str, values: list[float]) -> None:
-        totals = self.sums[mode] or dict.fromkeys(STAT_NAMES, 0.0)
+    def reset(self, window: str) -> None:
+        self.sums[window] = dict.fromkeys(STAT_NAMES, 0.0)
+
+    def add(self, window: str, values: list[float]) -> None:
+        totals = self.sums[window] or dict.fromkeys(STAT_NAMES, 0.0)
         for name, value in zip(STAT_NAMES, values):
             totals[name] += value
-        self.sums[mode] = totals
+        self.sums[window] = totals
 
-    def means(self, mode: str) -> dict[str, float]:
-        totals = self.sums[mode]
-        pairs = max(totals.get("pairs", 0.0), 1.0)
+    def means(self, window: str) -> dict[str, float]:
+        totals = self.sums[window] or dict.fromkeys(STAT_NAMES, 0.0)
+        pairs = max(totals["pairs"], 1.0)
         chosen, rejected = totals["chosen_reward"] / pairs, totals["rejected_reward"] / pairs
         return {
             "loss": totals["loss"] / pairs,
@@ -106,8 +119,15 @@ class RecipeDPOTrainer(DPOTrainer):
         self.reference_cache_dir = reference_cache_dir
         self.reference_cache_hits: dict[str, bool] = {}
         self.totals = totals or RunningTotals()
-        self._reference_key: str | None = None
+        # Hashed before TRL wraps or shards the model: sharded (DTensor) parameters cannot be read back whole.
+        self._reference_key = model_fingerprint(kwargs["model"] if "model" in kwargs else args[0])
         super().__init__(*args, **kwargs)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A tied LM head is saved once, as the input embedding, so its key is "missing" on every resume by design.
+        tied = set(getattr(self.accelerator.unwrap_model(self.model), "_tied_weights_keys", None) or ())
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # tokenized and truncated by dpo_recipe.data, without dropping pairs
@@ -123,10 +143,8 @@ class RecipeDPOTrainer(DPOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         model = self.ref_model or self.model
-        if self._reference_key is None:
-            self._reference_key = model_fingerprint(model)
         precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
-        path = cache_path(self.reference_cache_dir, self._reference_key, dataset, precision)
+        path = cache_path(self.reference_cache_dir, self._reference_key, dataset, precision, self.data_collator.layout)
 
         def compute():
             with self._reference_context():
@@ -144,38 +162,48 @@ class RecipeDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         chosen_logps, rejected_logps = pair_logps(model, inputs)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
-            chosen_logps, rejected_logps, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], self.beta
+            chosen_logps, rejected_logps, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], self.beta,
+            chosen_tokens=inputs["chosen_tokens"], rejected_tokens=inputs["rejected_tokens"],
         )
         loss = losses.mean()
-        stats = torch.stack(
+        per_pair = torch.stack(
             [
-                losses.detach().sum(),
-                chosen_rewards.sum(),
-                rejected_rewards.sum(),
-                (chosen_rewards > rejected_rewards).sum(),
-                (chosen_rewards == rejected_rewards).sum(),
-                torch.tensor(len(losses), device=losses.device),
-                inputs["pair_tokens"].sum(),
-                chosen_logps.detach().sum(),
-                rejected_logps.detach().sum(),
-            ]
+                losses.detach(),
+                chosen_rewards,
+                rejected_rewards,
+                chosen_rewards > rejected_rewards,
+                chosen_rewards == rejected_rewards,
+                torch.ones_like(losses),
+                inputs["pair_tokens"],
+                chosen_logps.detach(),
+                rejected_logps.detach(),
+            ],
+            dim=1,
         ).double()
-        stats = self.accelerator.gather(stats.unsqueeze(0)).sum(dim=0).tolist()
+        # Per pair, not per process: gather_for_metrics drops the pairs accelerate repeats to even out the last batch
+        # across processes, so each real pair counts once.
+        stats = self.accelerator.gather_for_metrics(per_pair).sum(dim=0).tolist()
         if not all(map(_finite, stats[:3])):
             where = f"optimizer step {self.state.global_step + 1}" if mode == "train" else "evaluation"
             raise DivergenceError(f"loss became {stats[0] / max(stats[5], 1):g} at {where} (epoch {self.state.epoch or 0:.2f})")
         self.totals.add(mode, stats)
-        pairs = max(stats[5], 1.0)
-        for key, value in (
-            ("rewards/chosen", stats[1] / pairs),
-            ("rewards/rejected", stats[2] / pairs),
-            ("rewards/margins", (stats[1] - stats[2]) / pairs),
-            ("rewards/accuracies", stats[3] / pairs),
-            ("logps/chosen", stats[7] / pairs),
-            ("logps/rejected", stats[8] / pairs),
-        ):
-            self._metrics[mode][key].append(value)
+        if mode == "train":
+            self.totals.add("log", stats)
         return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # TRL's own `log` averages per-batch means, so a short last batch weighs as much as a full one. Per-pair
+        # means over the window instead: the evaluation just run, or the training steps since the last log line.
+        evaluating = any(key.startswith("eval_") for key in logs)
+        window = "eval" if evaluating else "log"
+        means = self.totals.means(window)
+        if means["pairs"] and (evaluating or "loss" in logs):
+            prefix = "eval_" if evaluating else ""
+            logs[f"{prefix}loss"] = means["loss"]
+            logs.update({f"{prefix}{name}": means[stat] for name, stat in LOGGED_MEANS.items()})
+        if not evaluating and "loss" in logs:
+            self.totals.reset("log")
+        super(DPOTrainer, self).log(logs, start_time)  # transformers' Trainer.log, past TRL's averaging
 
     def evaluate(self, *args, **kwargs):
         self.totals.reset("eval")
@@ -210,11 +238,22 @@ def epoch_dirs(run_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+# metrics.jsonl holds one record per line: `epoch` (train and val means of a whole epoch, with its checkpoint), `step`
+# (the training means of one logging window) and `eval` (a validation pass every `training.eval_steps` steps).
+RECORD_KINDS = ("epoch", "step", "eval")
+
+
+def read_metrics(run_dir: Path, kind: str = "epoch") -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in records if record.get("kind", "epoch") == kind]
+
+
+def _append_record(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / METRICS_FILE, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 BEST_DIRECTION = {"loss": min, "accuracy": max, "margin": max}
@@ -250,33 +289,60 @@ def _point_best_link(run_dir: Path, target: str) -> None:
     os.replace(temporary, link)
 
 
-class EpochRecorder(TrainerCallback):
-    """At each epoch end: val metrics, then an atomically named checkpoint, a metrics.jsonl line and the best epoch."""
+# Files in a checkpoint that only resuming reads; kept in the newest epoch alone. Optimizer state (Adam's two moments)
+# is twice the size of the weights.
+RESUME_ONLY_PREFIXES = ("optimizer", "scaler")
+TENSORBOARD_DIR = "tensorboard"
+# training.best_metric as transformers logs it, and whether larger is better.
+BEST_METRIC_LOGGED = {"loss": ("eval_loss", False), "accuracy": ("eval_rewards/accuracies", True),
+                      "margin": ("eval_rewards/margins", True)}  # fmt: skip
 
-    def __init__(self, run_dir: Path, totals: RunningTotals, best_metric: str):
+
+class EpochRecorder(TrainerCallback):
+    """Writes metrics.jsonl and the epoch checkpoints.
+
+    At each logging step a `step` record; at each mid-epoch evaluation an `eval` record; at each epoch end the val
+    metrics, then an atomically named checkpoint, an `epoch` record, the best epoch and checkpoint retention.
+    """
+
+    def __init__(self, run_dir: Path, totals: RunningTotals, best_metric: str, keep_epochs: str = "all"):
         self.run_dir = Path(run_dir)
         self.totals = totals
         self.best_metric = best_metric
+        self.keep_epochs = keep_epochs
         self.epoch_started = 0.0
         self.train_seconds = 0.0
+        self.at_epoch_end = False
         self.train_means: dict[str, float] = {}
         self.val_means: dict[str, float] = {}
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.totals.reset("train")
         self.epoch_started = time.perf_counter()
+        self.at_epoch_end = False
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.train_seconds = time.perf_counter() - self.epoch_started
         self.train_means = self.totals.means("train")
+        self.at_epoch_end = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs and "rewards/accuracies" in logs:
+            train = {stat: logs[name] for name, stat in LOGGED_MEANS.items()}
+            train.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
+            _append_record(self.run_dir, {"kind": "step", "epoch": state.epoch, "step": state.global_step, "train": train})
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.val_means = self.totals.means("eval")
+        if not self.at_epoch_end and state.is_world_process_zero:
+            record = {"kind": "eval", "epoch": state.epoch, "step": state.global_step, "val": dict(self.val_means)}
+            _append_record(self.run_dir, record)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        epoch = round(state.epoch)
+        # A run cut short by training.max_steps saves its partial last epoch under the epoch it was in.
+        epoch = math.ceil(state.epoch - 1e-9)
         saved = self.run_dir / f"checkpoint-{state.global_step}"
         final = self.run_dir / f"{EPOCH_PREFIX}{epoch}"
         if final.exists():
@@ -285,15 +351,66 @@ class EpochRecorder(TrainerCallback):
         train = dict(self.train_means)
         train["tokens_per_s"] = train.get("tokens", 0) / seconds
         train["pairs_per_s"] = train.get("pairs", 0) / seconds
-        record = {"epoch": epoch, "step": state.global_step, "train": train, "val": dict(self.val_means)}
+        record = {"kind": "epoch", "epoch": epoch, "step": state.global_step, "train": train, "val": dict(self.val_means)}
         # The record goes first, so a committed epoch always has one; a record whose rename never happened is
         # dropped on resume (`_forget_epochs_after`).
-        with open(self.run_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _append_record(self.run_dir, record)
         # The rename is the commit point: only a finished save ever carries the `epoch-` name.
         os.replace(saved, final)
         _write_best(self.run_dir, self.best_metric)
+        self._apply_retention(final)
         print(_epoch_line(record), flush=True)
+
+    def _apply_retention(self, newest: Path) -> None:
+        """Resume state only in the newest epoch; with `best_and_last`, no other epoch at all."""
+        best = (self.run_dir / BEST_LINK).resolve()
+        for checkpoint in epoch_dirs(self.run_dir):
+            if checkpoint == newest:
+                continue
+            if self.keep_epochs == "best_and_last" and checkpoint.resolve() != best:
+                shutil.rmtree(checkpoint)
+                continue
+            for path in checkpoint.iterdir():
+                if path.name.startswith(RESUME_ONLY_PREFIXES):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+class StepEvaluation(TrainerCallback):
+    """Validation every `every` optimizer steps as well as at each epoch end (which evaluates anyway)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        at_epoch_end = state.epoch == int(state.epoch)
+        if state.global_step % self.every == 0 and not at_epoch_end:
+            control.should_evaluate = True
+
+
+class EpochEarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping, counting epochs: only epoch-end validation (which also picks `best`) counts,
+    not the passes `training.eval_steps` adds within an epoch."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pass  # the parent only warns that the best model is not reloaded at the end: the `best` link names it
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        if state.epoch == int(state.epoch):
+            super().on_evaluate(args, state, control, metrics, **kwargs)
+
+
+class LogLinePrinter(TrainerCallback):
+    """One readable line per logging step, instead of transformers' raw dicts of quoted numbers."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "rewards/accuracies" not in logs:
+            return  # evaluation lines come from the epoch summary; run totals from the final `done` line
+        print(
+            f"step {state.global_step}/{state.max_steps} (epoch {state.epoch:.2f}): loss {logs['loss']:.4f} "
+            f"acc {logs['rewards/accuracies']:.3f} margin {logs['rewards/margins']:.3f} "
+            f"lr {logs.get('learning_rate', float('nan')):.2e}",
+            flush=True,
+        )
 
 
 def _epoch_line(record: dict) -> str:
@@ -374,11 +491,13 @@ CHECKPOINTING_ARGUMENT = (
 def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOConfig:
     micro, accumulation = batch_plan(config, world_size)
     training = config.training
-    report_to = ["wandb"] if config.logging.wandb else []
+    report_to = [target for target in config.logging.report_to if target != "jsonl"]  # metrics.jsonl is ours
+    best_metric = BEST_METRIC_LOGGED[training.best_metric]
     return DPOConfig(
         output_dir=str(config.run_dir),
         run_name=config.run_name,
         num_train_epochs=training.num_epochs,
+        max_steps=training.max_steps or -1,
         learning_rate=training.learning_rate,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
@@ -397,6 +516,10 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         **{CHECKPOINTING_ARGUMENT: training.gradient_checkpointing},
         torch_compile=training.torch_compile,
         eval_strategy="epoch",
+        # What early stopping watches; only set when it is on, so a plain run keeps no second notion of "best".
+        metric_for_best_model=best_metric[0] if training.early_stopping_patience else None,
+        greater_is_better=best_metric[1] if training.early_stopping_patience else None,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter resumes where it was
         save_strategy="epoch",
         logging_steps=training.logging_steps,
         report_to=report_to,
@@ -419,7 +542,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def _forget_epochs_after(run_dir: Path, epoch: int) -> None:
     """A resumed run rewrites what came after its checkpoint, so stale records must not linger."""
-    records = [r for r in read_metrics(run_dir) if r["epoch"] <= epoch]
+    kept_epochs = [r for r in read_metrics(run_dir) if r["epoch"] <= epoch]
+    last_step = kept_epochs[-1]["step"] if kept_epochs else 0
+    lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines() if (Path(run_dir) / METRICS_FILE).is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    records = [r for r in records if (r in kept_epochs if r.get("kind", "epoch") == "epoch" else r["step"] <= last_step)]
     _atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
     for path in run_dir.glob("checkpoint-*"):  # a save that never completed
         shutil.rmtree(path, ignore_errors=True)
@@ -432,14 +559,26 @@ class PreparedRun:
     resume_from: Path | None
 
 
-def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
+def _checkpoint_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes this run, launched the way this one was."""
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    entry = "scripts/train.py" if sys.argv[0].endswith("train.py") else "-m dpo_recipe train"
+    # The run directory's config.yaml is the resolved config, --set overrides included.
+    return f"{launcher} {entry} --config {run_dir / 'config.yaml'}"
+
+
+def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> PreparedRun:
     """Everything up to the first step: data, tokenizer, model, reference log-probs, and the trainer."""
     # Without a GPU, processes started by `accelerate launch` join one gloo group (MULTI_CPU) instead of each
     # training alone.
     state = PartialState(cpu=not torch.cuda.is_available())
     precision = resolve_precision(config.training.precision, config.source_file)
     try:  # before any data or model work, so a typo in loss.type costs nothing
-        loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing)
+        loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha)
     except ValueError as error:
         raise ConfigError(f"{config.source_file}: {error}") from None
     run_dir = config.run_dir
@@ -448,6 +587,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
+        print(f"resuming {run_dir} from {resume_from.name} (step {_checkpoint_step(resume_from)})", flush=True)
     elif config.training.overwrite:  # every process takes this branch, so the barrier below is always matched
         if state.is_main_process and run_dir.is_dir():
             print(f"overwrite: removing {run_dir}", flush=True)
@@ -476,16 +616,22 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
             _write_best(run_dir, config.training.best_metric)
     state.wait_for_everyone()
 
-    if config.logging.wandb:
+    if "wandb" in config.logging.report_to:
         os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
         os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
     peft_config = None
     if config.model.lora is not None:
         from peft import LoraConfig
+        from transformers.pytorch_utils import Conv1D
 
         lora = config.model.lora
+        # GPT-2 stores its projections transposed (Conv1D); PEFT must know, or it warns and flips the flag itself.
+        transposed = any(
+            isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in lora.target_modules
+        )
         peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            fan_in_fan_out=transposed, task_type="CAUSAL_LM",
         )
 
     totals = RunningTotals()
@@ -498,12 +644,25 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
         eval_dataset=data.val,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[EpochRecorder(run_dir, totals, config.training.best_metric), guard],
+        callbacks=[EpochRecorder(run_dir, totals, config.training.best_metric, config.training.keep_epochs), guard],
         loss_fn=loss_fn,
         reference_cache_dir=config.training.reference_cache_dir,
         totals=totals,
     )
+    if config.training.eval_steps:
+        trainer.add_callback(StepEvaluation(config.training.eval_steps))
+    if config.training.early_stopping_patience:
+        trainer.add_callback(EpochEarlyStopping(config.training.early_stopping_patience))
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:  # not under the env's choice
+            callback.logging_dir = str(run_dir / TENSORBOARD_DIR)
+    if not verbose and trainer.args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(LogLinePrinter())
     if state.is_main_process:
+        if peft_config is not None:
+            trainable, total = trainer.model.get_nb_trainable_parameters()
+            print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})", flush=True)
         micro, accumulation = batch_plan(config, state.num_processes)
         print(
             f"batch: {state.num_processes} process(es) x micro-batch {micro} x accumulation {accumulation} = "
@@ -515,11 +674,11 @@ def prepare_run(config: RecipeConfig, resume: bool = False) -> PreparedRun:
     return PreparedRun(trainer, guard, resume_from)
 
 
-def run_training(config: RecipeConfig, resume: bool = False) -> int:
+def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> int:
     """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
     from .report import plot_run
 
-    run = prepare_run(config, resume)
+    run = prepare_run(config, resume, verbose)
     try:
         run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     finally:
@@ -529,8 +688,7 @@ def run_training(config: RecipeConfig, resume: bool = False) -> int:
     if run.guard.interrupted:
         if is_main:
             last = latest_checkpoint(run_dir)
-            # The run directory's config.yaml is the resolved config, --set overrides included.
-            command = f"accelerate launch scripts/train.py --config {run_dir / 'config.yaml'}"
+            command = resume_command(run_dir)
             if last:
                 print(f"interrupted; last complete checkpoint: {last}. Resume with: {command} --resume", file=sys.stderr)
             else:
