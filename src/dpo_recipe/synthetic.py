@@ -1,11 +1,8 @@
 """hh-rlhf-format dialogues written for this project, so the recipe runs and is tested with no download.
 
-The chosen side answers the question. The rejected side fails in one of three ways, from easy to hard to tell apart:
-a rude refusal, a polite non-answer in the chosen side's own words, or polite advice that belongs to another
-question (only the prompt says which advice is right). A fixed share of labels is flipped, as in noisy human data.
-So a small model learns some of the preference in one epoch and more over the next, at a pace that β and the
-learning rate change. Prompts have a varying number of earlier turns, which gives the length spread that truncation
-and length-grouped batching need to be exercised.
+The chosen side usually answers helpfully and politely while the rejected side refuses rudely, so a small model
+learns the preference in a few epochs; a fixed share of labels is flipped, as in noisy human data. Prompts have a varying number of earlier turns, which gives
+the length spread that truncation and length-grouped batching need to be exercised.
 """
 
 from __future__ import annotations
@@ -35,12 +32,6 @@ FOLLOW_UPS = [
 ]
 HELPFUL_OPENERS = ["Sure, happy to help.", "Of course.", "Good question.", "Gladly."]
 HELPFUL_CLOSERS = ["Let me know how it goes!", "I hope that helps.", "Good luck with it.", "Feel free to ask more."]
-NON_ANSWERS = [
-    "It depends on many things, so it is hard to say in general.",
-    "There are lots of ways to do that, and people disagree about which is best.",
-    "You could look it up, there is plenty written about it.",
-    "That is a good thing to want, and many people try it.",
-]
 UNHELPFUL = [
     "No. Figure it out yourself, I am not wasting time on that.",
     "That is a stupid question and you should stop asking it.",
@@ -65,29 +56,14 @@ def _dialogue(rng: random.Random, turns: int) -> tuple[str, str, str]:
 # Like human preference data, some labels disagree with the rule: a model can only reach them by memorising,
 # which is what makes validation loss turn up again (overfitting) in longer runs.
 FLIPPED_FRACTION = 0.15
-# How the rejected side fails: (kind, share). Rude refusals differ from the chosen side in every word; non-answers
-# share its openers and closers; advice for another topic differs only in whether it fits the question.
-REJECTED_KINDS = (("rude", 0.35), ("non_answer", 0.35), ("other_topic", 0.3))
-
-
-def _rejected(rng: random.Random, kind: str, topic: str, rude: str) -> str:
-    if kind == "rude":
-        return rude
-    if kind == "non_answer":
-        return f" {rng.choice(HELPFUL_OPENERS)} {rng.choice(NON_ANSWERS)} {rng.choice(HELPFUL_CLOSERS)}"
-    other_topic, other_advice = rng.choice([t for t in TOPICS if t[0] != topic])
-    return f" {rng.choice(HELPFUL_OPENERS)} To {topic}, {other_advice}. {rng.choice(HELPFUL_CLOSERS)}"
 
 
 def synthetic_rows(split: str, count: int, seed: int = 0, max_turns: int = 4) -> list[dict[str, str]]:
     """`count` rows of {chosen, rejected}; the split name seeds a disjoint stream per split."""
     rng = random.Random(f"{seed}:{split}")
-    kinds, weights = zip(*REJECTED_KINDS)
     rows = []
     for _ in range(count):
-        prompt, chosen, rude = _dialogue(rng, rng.randint(0, max_turns))
-        topic = prompt.split("How do I ", 1)[1].split("?", 1)[0]
-        rejected = _rejected(rng, rng.choices(kinds, weights)[0], topic, rude)
+        prompt, chosen, rejected = _dialogue(rng, rng.randint(0, max_turns))
         if rng.random() < FLIPPED_FRACTION:
             chosen, rejected = rejected, chosen
         rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
