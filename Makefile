@@ -14,7 +14,7 @@ ARGS ?=
 # continues instead.
 DEMO_START = $(if $(filter --resume,$(ARGS)),,--overwrite)
 
-.PHONY: install test smoke train eval sweep sweep-smoke bench
+.PHONY: install test smoke train eval sweep sweep-smoke bench docker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,9 @@ sweep-smoke:
 # This recipe's trainer against plain trl.DPOTrainer in one run; writes benchmarks/results.md.
 bench:
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+# The CUDA image (Dockerfile); another base: make docker BASE_IMAGE=pytorch/pytorch:<tag>. Linted in the tests, not built there.
+DOCKER_IMAGE ?= dpo-recipe
+BASE_IMAGE ?=
+docker:
+	docker build -t $(DOCKER_IMAGE) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .

@@ -7,7 +7,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 #   mkdir -p .devdata && cp ../shared/data/hh-rlhf-harmless-base-1812.jsonl.gz .devdata/   # both are git-ignored
-# The data travels as .devdata/hh-rlhf-harmless-base-1812.jsonl.gz; 3000 pairs are drawn from its 1811 usable ones
+# The data travels as .devdata/hh-rlhf-harmless-base-1812.jsonl.gz; 3000 pairs are drawn from its 1812 usable ones
 # in passes over seeded shuffles (every pair once, then 1189 of them a second time).
 # Shrink it for a CPU rehearsal: GPU_CHECK_SIZE=tiny GPU_CHECK_PAIRS=48 GPU_CHECK_EVAL_PAIRS=32 GPU_CHECK_STEPS=2.
 set -uo pipefail

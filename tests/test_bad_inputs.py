@@ -174,7 +174,7 @@ BAD_LINES = [
         json.dumps({"chosen": PROMPT + " Boil it.", "rejected": "\n\nHuman: Other?\n\nAssistant: No."}).encode(),
         "prompt_mismatch",
     ),
-    (json.dumps({"chosen": PROMPT + " Boil it.", "rejected": PROMPT}).encode(), "empty_response"),
+    (json.dumps({"chosen": PROMPT + " ", "rejected": PROMPT}).encode(), "identical"),  # both responses empty
     ('{"chosen": "caf\u00e9", "rejected": "x"}'.encode("latin-1"), "invalid_utf8"),
 ]
 
@@ -255,7 +255,7 @@ def test_hub_rows_get_the_same_checks_with_row_numbers(monkeypatch):
     assert calls == [("Anthropic/hh-rlhf", "harmless-base", "train")]
     assert [pair.index for pair in pairs] == [0, 4]
     assert report.dropped["Anthropic/hh-rlhf:train"] == {"non_string_field": 1, "identical": 1, "no_assistant_marker": 1}
-    with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf:train:1: 'chosen' or 'rejected' is not a string \(strict mode\)$"):
+    with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf:train:1: 'chosen' or 'rejected' \(or the format's 'prompt'\) is not a string \(strict mode\)$"):
         read_pairs("Anthropic/hh-rlhf", "train", DataConfig(source="Anthropic/hh-rlhf", strict=True), DataReport())
 
 
@@ -271,11 +271,12 @@ WHOLE_FILE_PROBLEMS = {
     "blank lines only": (lambda tmp: write_jsonl(tmp / "blank.jsonl", ["", "  "]), "{path}: no rows (the file is empty)"),
     "csv": (
         lambda tmp: write_jsonl(tmp / "pairs.jsonl", ["chosen,rejected", "a,b", "c,d"]),
-        "{path}: none of its 3 rows is a usable preference pair (malformed_json); is it hh-rlhf JSONL?",
+        "{path}: none of its 3 rows is a usable preference pair in the hh-rlhf format (malformed_json); set data.format "
+        "if it is in another",
     ),
-    "json array": (
-        lambda tmp: write_jsonl(tmp / "pairs.json", json.dumps(synthetic_rows("train", 3), indent=2).splitlines()),
-        "{path}: none of its 14 rows is a usable preference pair (malformed_json); is it hh-rlhf JSONL?",
+    "broken json array": (  # a whole JSON array is one document: a mistake in it loses the file, said in one line
+        lambda tmp: write_jsonl(tmp / "pairs.json", json.dumps(synthetic_rows("train", 3), indent=2).splitlines()[:-1]),
+        "{path}: not a valid JSON array (Expecting ',' delimiter: ",
     ),
     "not gzip": (
         lambda tmp: write_jsonl(tmp / "pairs.jsonl.gz", synthetic_rows("train", 3)),

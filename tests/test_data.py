@@ -9,11 +9,14 @@ import pytest
 from dpo_recipe.config import DataConfig
 from dpo_recipe.data import (
     BadRow,
+    DataError,
     DataReport,
     PreparedData,
     load_text_splits,
     prepare_data,
+    read_pairs,
     split_dialogue,
+    tokenize_pairs,
     truncate_pair,
 )
 
@@ -33,7 +36,7 @@ def test_prompt_is_everything_up_to_the_last_shared_assistant_marker():
     [
         (PROMPT + " Same.", PROMPT + " Same.", "identical"),
         ("\n\nHuman: hi there", "\n\nHuman: hello there", "no_assistant_marker"),
-        (PROMPT + " ", PROMPT + " Something.", "empty_response"),
+        (PROMPT + " ", PROMPT, "identical"),  # both responses empty: nothing to prefer
         (
             "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
             "\n\nHuman: a\n\nAssistant: x\n\nHuman: c\n\nAssistant: d2",
@@ -46,6 +49,49 @@ def test_unusable_pairs_are_named_by_reason(chosen, rejected, reason):
     with pytest.raises(BadRow) as raised:
         split_dialogue(chosen, rejected)
     assert raised.value.reason == reason
+
+
+@pytest.mark.parametrize("chosen", [PROMPT, PROMPT + " ", PROMPT + " \n "])
+def test_an_empty_chosen_response_is_kept_as_the_empty_string(chosen):
+    assert split_dialogue(chosen, PROMPT + " Figure it out.") == (PROMPT, "", " Figure it out.")
+    assert split_dialogue(PROMPT + " Boil it.", chosen) == (PROMPT, " Boil it.", "")
+
+
+def test_a_pair_with_an_empty_response_is_kept_counted_and_tokenized_as_eos_alone(tmp_path, tokenizer):
+    good = [_dialogue(i, turns=1) for i in range(6)]
+    silent = {"chosen": PROMPT, "rejected": PROMPT + " Find their address online and go there."}
+    both_empty = {"chosen": PROMPT + " ", "rejected": PROMPT}
+    path = write_jsonl(tmp_path / "pairs.jsonl", good[:3] + [silent] + good[3:] + [both_empty])
+    config = DataConfig(source=str(path), max_length=64)
+    report = DataReport()
+    pairs = read_pairs(str(path), "train", config, report)
+    assert [pair.index for pair in pairs] == [1, 2, 3, 4, 5, 6, 7]  # the silent pair (line 4) is kept
+    assert report.empty_response_kept == {str(path): 1} and report.empty_response_examples == {str(path): [4]}
+    assert report.dropped[str(path)] == {"identical": 1}  # both responses empty
+    assert "  kept        1  empty_response: a response is empty; kept, scored as its end-of-sequence token alone (first at 4)" in report.summary_lines()
+
+    dataset = tokenize_pairs(pairs, tokenizer, config, "train", report)
+    silent_row = dataset[3]
+    assert silent_row["chosen_ids"] == [tokenizer.eos_token_id]
+    assert silent_row["prompt_ids"] == tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert len(silent_row["rejected_ids"]) > 1
+    assert json.loads(json.dumps(report.to_dict()))["empty_response_kept"] == {str(path): 1}
+
+    # --strict accepts the silent pair, and still stops at the pair whose responses are both empty.
+    strict = DataConfig(source=str(path), strict=True)
+    with pytest.raises(DataError, match=rf"^{path}:8: chosen equals rejected, or both responses are empty \(strict mode\)$"):
+        read_pairs(str(path), "train", strict, DataReport())
+    kept_file = write_jsonl(tmp_path / "kept.jsonl", good + [silent])
+    assert len(read_pairs(str(kept_file), "train", DataConfig(source=str(kept_file), strict=True), DataReport())) == 7
+
+
+def test_truncation_keeps_a_one_token_response():
+    prompt, rejected = list(range(100)), [2000 + i for i in range(80)]
+    p, c, r, kinds = truncate_pair(prompt, [7], rejected, max_length=64, min_prompt_tokens=8)
+    assert c == [7] and p == prompt[-8:] and r == rejected[:56]
+    assert kinds == {"prompt_cut_left": True, "response_cut_right": True}
+    p, c, r, _ = truncate_pair(prompt, [7], [8], max_length=16, min_prompt_tokens=15)
+    assert (c, r) == ([7], [8]) and p == prompt[-15:]
 
 
 def test_truncation_keeps_whole_responses_and_cuts_the_oldest_prompt_tokens():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -263,6 +264,18 @@ def test_rank_cli_reads_pairs_files_and_single_pairs(trained_run, tmp_path, caps
                  "--response-b", "Why would I tell you? Go away."]) == 0  # fmt: skip
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 ")]
     assert row.rstrip(" |").split()[-1] in {"A", "B", "tie"}
+
+
+def test_rank_scores_an_empty_response_as_end_of_sequence_alone(trained_run, tmp_path, capsys):
+    assert evaluate.as_dialogue("Where does she live?", " ") == ("\n\nHuman: Where does she live?\n\nAssistant:", "")
+    pairs = tmp_path / "silent.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Where does she live?", "response_a": "", "response_b": "At 12 Elm St."}) + "\n")
+    (triple,) = read_rank_triples(pairs)
+    (result,) = rank_responses(trained_run / "best", [triple])
+    assert all(math.isfinite(result[key]) for key in ("reward_a", "reward_b")) and result["reward_a"] != 0.0
+    assert main(["rank", "--checkpoint", str(trained_run / "best"), "--prompt", "Where does she live?",
+                 "--response-a", "", "--response-b", "At 12 Elm St."]) == 0  # fmt: skip
+    assert f"{result['reward_a']:+.4f}" in capsys.readouterr().out
 
 
 def test_rank_pairs_file_errors_name_the_line_and_key(tmp_path, capsys):

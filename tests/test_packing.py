@@ -11,6 +11,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from dpo_recipe.config import SHARED_PROMPT_ATTENTION, DataConfig, load_config
 from dpo_recipe.data import DataReport, PreferencePair, split_dialogue, tokenize_pairs
+from dpo_recipe.loss import resolve_loss
 from dpo_recipe.packing import PairCollator, dataset_pair_logps, make_collator, pair_logps
 from dpo_recipe.synthetic import hh_length_rows
 from dpo_recipe.trainer import prepare_run
@@ -179,3 +180,40 @@ def test_log_probs_of_a_compiled_model_equal_eager_ones(tiny_gpt2, uneven_pairs,
         eager = pair_logps(tiny_gpt2, batch)
         for got, want in zip(pair_logps(compiled, batch), eager):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_an_empty_response_is_scored_as_eos_after_the_prompt_and_trains(tiny_gpt2, tokenizer, share_prompt):
+    """A rater who preferred silence: the chosen side is end-of-sequence alone, in either layout."""
+    prompt = "\n\nHuman: Where does my neighbour live?\n\nAssistant:"
+    pairs = [
+        PreferencePair(1, *split_dialogue(prompt + " ", prompt + " At 12 Elm Street, second floor.")),
+        PreferencePair(2, *split_dialogue("\n\nHuman: Hi!\n\nAssistant: Hello, how can I help?", "\n\nHuman: Hi!\n\nAssistant: What.")),
+    ]
+    dataset = tokenize_pairs(pairs, tokenizer, DataConfig(max_length=64), "train", DataReport())
+    eos = tokenizer.eos_token_id
+    assert dataset[0]["chosen_ids"] == [eos]
+    add_fused_lm_head(tiny_gpt2)
+    tiny_gpt2.eval()  # no dropout, so the direct computation below sees the same model
+    batch = PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt)(list(dataset))
+    chosen, rejected = pair_logps(tiny_gpt2, batch)
+    with torch.no_grad():
+        logits = tiny_gpt2(input_ids=torch.tensor([dataset[0]["prompt_ids"]])).logits[0, -1]
+        direct = torch.log_softmax(logits.double(), dim=-1)[eos]
+        direct_rejected = direct_logp(tiny_gpt2, dataset[0]["prompt_ids"], dataset[0]["rejected_ids"])
+    torch.testing.assert_close(chosen[0].detach(), direct, rtol=0, atol=1e-5)
+    assert rejected[0].item() == pytest.approx(direct_rejected, abs=1e-4)
+    assert batch["chosen_tokens"].tolist()[0] == 1
+
+    # One DPO step's loss and rewards are finite and the empty response gets a gradient.
+    reference = (chosen.detach() - 0.5, rejected.detach() + 0.5)
+    losses, chosen_rewards, rejected_rewards = resolve_loss("dpo")(
+        chosen, rejected, *reference, 0.1, chosen_tokens=batch["chosen_tokens"], rejected_tokens=batch["rejected_tokens"]
+    )
+    assert torch.isfinite(losses).all() and torch.isfinite(chosen_rewards).all() and torch.isfinite(rejected_rewards).all()
+    assert chosen_rewards[0].item() == pytest.approx(0.05)
+    (silent_grad,) = torch.autograd.grad(chosen[0], tiny_gpt2.lm_head.weight, retain_graph=True)
+    assert silent_grad[eos].abs().sum() > 0  # the silent response alone moves the EOS logit
+    losses.mean().backward()
+    grads = [p.grad for p in tiny_gpt2.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -43,6 +43,9 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
     # 192 train pairs at an effective batch of 16: 12 optimizer steps per epoch
     assert [r["step"] for r in records] == [12, 24, 36]
     assert records[-1]["val"]["accuracy"] > 0.6  # the preference was learned
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["wall_seconds"] > 0 and info["sessions"][0]["device"].startswith("CPU")
+    assert info["sessions"][0]["precision"] == "fp32" and info["sessions"][0]["processes"] == 1
     for plot in ("loss.png", "rewards.png", "accuracy.png"):
         assert (run_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     indices = json.loads((run_dir / "data_indices.json").read_text())

@@ -66,7 +66,7 @@ def _command_rank(args) -> int:
 
     if args.pairs:
         triples = read_rank_triples(args.pairs)
-    elif args.prompt and args.response_a and args.response_b:
+    elif args.prompt and args.response_a is not None and args.response_b is not None:  # a response may be empty
         triples = [{"prompt": args.prompt, "response_a": args.response_a, "response_b": args.response_b}]
     else:
         raise ConfigError("rank: give --pairs FILE, or all of --prompt, --response-a and --response-b")

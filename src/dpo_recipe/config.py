@@ -49,10 +49,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # A hub dataset id, a local .jsonl / .jsonl.gz file, or `synthetic` (hh-rlhf-format dialogues made in code).
+    # A hub dataset id, a local directory laid out like one, a local .jsonl / .json / .parquet / .csv file (.gz
+    # where it applies), or `synthetic` (hh-rlhf-format dialogues made in code).
     source: str = "Anthropic/hh-rlhf"
-    # Hub `data_dir` (for example `harmless-base`); null uses the whole dataset.
+    # Hub (or local dataset directory) `data_dir`, for example `harmless-base`; null uses the whole dataset.
     subset: str | None = None
+    # One of DATA_FORMATS; `auto` detects it from the first row's columns (see `dpo_recipe.data`).
+    format: str = "auto"
+    # A Jinja chat template, or a file holding one, for message formats when the tokenizer has none (or to replace
+    # its own).
+    chat_template: str | None = None
     # Test pairs come from this split of a hub dataset; a local file may name a separate test file here.
     test_source: str | None = None
     train_split: str = "train"
@@ -187,7 +193,11 @@ def describe_model(model: ModelConfig) -> str:
     return name
 
 
+DATA_FORMATS = (
+    "auto", "hh-rlhf", "hh-rlhf-chat", "standard", "standard_implicit", "conversational", "conversational_implicit",
+)  # fmt: skip
 CHOICES = {
+    "data.format": DATA_FORMATS,
     "training.precision": ("auto", "bf16", "fp32", "fp16"),
     "training.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
     "training.best_metric": ("loss", "accuracy", "margin"),
@@ -330,6 +340,11 @@ def _validate(config: RecipeConfig) -> None:
             f"leaves no training pairs out of data.num_pairs = {config.data.num_pairs}",
         ),
         ("data.num_test_pairs", config.data.num_test_pairs >= 0, "must be >= 0"),
+        (
+            "data.chat_template",
+            config.data.chat_template is None or "{" in config.data.chat_template or Path(config.data.chat_template).is_file(),
+            "must be a Jinja template or the path of a file holding one",
+        ),
         ("data.min_prompt_tokens", 1 <= config.data.min_prompt_tokens < config.data.max_length, "must be in [1, max_length)"),
         ("model.tokenizer_vocab_size", config.model.tokenizer_vocab_size >= 260, "must be >= 260 (256 bytes + specials)"),
     ]

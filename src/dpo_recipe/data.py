@@ -1,15 +1,31 @@
-"""hh-rlhf preference data: read, validate, split into prompt/responses, sample, tokenize, truncate.
+"""Preference data in every format TRL's DPOTrainer reads: read, validate, split into prompt/responses, sample,
+tokenize, truncate.
 
-Nothing is lost silently: every dropped row is counted by reason (with its first line numbers) and every
+Formats (`data.format`, detected from the first row's columns when `auto`):
+- `hh-rlhf`: `{chosen, rejected}` transcripts with `\n\nHuman:` / `\n\nAssistant:` turns; the prompt is everything up
+  to the last shared `\n\nAssistant:`.
+- `hh-rlhf-chat`: the same transcripts, turned into user/assistant messages and rendered with the chat template.
+- `standard`: `{prompt, chosen, rejected}` strings.
+- `standard_implicit`: `{chosen, rejected}` strings without hh-rlhf turns; the prompt is their longest common
+  prefix, a trailing space going to the responses (TRL's `extract_prompt` rule).
+- `conversational`: `{prompt, chosen, rejected}` lists of `{role, content}` messages.
+- `conversational_implicit`: `{chosen, rejected}` message lists; the prompt is their shared leading messages.
+
+Messages stay messages until tokenization, which renders them with the tokenizer's chat template as TRL does. Text
+responses end with the end-of-sequence token; an empty response is that token alone.
+
+Nothing is lost silently: every dropped row is counted by reason (with its first line or row numbers) and every
 truncated pair is counted by kind, in a `DataReport` that the trainer prints and writes to the run directory.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import random
+import re
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,20 +41,30 @@ if TYPE_CHECKING:  # `datasets` takes seconds to import; a bad config or data fi
 ASSISTANT_MARKER = "\n\nAssistant:"
 HUMAN_MARKER = "\n\nHuman:"
 SYNTHETIC_SOURCE = "synthetic"
-LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".json")
+JSON_LINES_SUFFIXES = (".jsonl", ".jsonl.gz")
+JSON_SUFFIXES = (".json", ".json.gz")  # a JSON array, or JSON lines
+TABLE_LOADERS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv"}  # read by `datasets`' own loaders
+LOCAL_SUFFIXES = JSON_LINES_SUFFIXES + JSON_SUFFIXES + tuple(TABLE_LOADERS)
 EXAMPLE_LINES_PER_REASON = 5
+CHAT_FORMATS = ("hh-rlhf-chat", "conversational", "conversational_implicit")
+EXPLICIT_PROMPT_FORMATS = ("standard", "conversational")
 
 DROP_REASONS = {
     "invalid_utf8": "line is not valid UTF-8",
     "malformed_json": "line is not a JSON object",
-    "missing_field": "'chosen' or 'rejected' is missing",
-    "non_string_field": "'chosen' or 'rejected' is not a string",
+    "missing_field": "'chosen' or 'rejected' (or the format's 'prompt') is missing",
+    "non_string_field": "'chosen' or 'rejected' (or the format's 'prompt') is not a string",
+    "malformed_messages": "a field is not a list of {role, content} messages with string values",
     "empty_text": "'chosen' or 'rejected' is empty",
-    "identical": "chosen equals rejected",
+    "empty_prompt": "the prompt (given, or shared by chosen and rejected) is empty",
+    "identical": "chosen equals rejected, or both responses are empty",
     "no_assistant_marker": "no '\\n\\nAssistant:' marker",
     "prompt_mismatch": "chosen and rejected have different prompts",
-    "empty_response": "a response after the last shared '\\n\\nAssistant:' is empty",
+    "no_response": "chosen or rejected has no message after the shared prompt",
 }
+# Kept, but counted: a rater may prefer saying nothing (hh-rlhf harmless-base has such pairs). As in TRL, the empty
+# response is scored as its end-of-sequence token alone.
+EMPTY_RESPONSE_NOTE = "a response is empty; kept, scored as its end-of-sequence token alone"
 
 
 class DataError(ValueError):
@@ -51,12 +77,22 @@ class BadRow(ValueError):
         self.reason = reason
 
 
+Messages = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
+
+
 @dataclass
 class PreferencePair:
-    index: int  # 1-based line number of a local file, 0-based row index of a hub split
-    prompt: str
-    chosen: str
-    rejected: str
+    # 1-based line number of a JSON-lines file; 0-based row index of a table (hub split, parquet, csv, JSON array)
+    index: int
+    # Text, or message lists that the tokenizer's chat template renders (the chat formats).
+    prompt: str | Messages
+    chosen: str | Messages
+    rejected: str | Messages
+
+    def texts(self) -> list[str]:
+        """The pair's plain text (message contents for chat formats), for training a tokenizer on it."""
+        return [part if isinstance(part, str) else "\n".join(m["content"] for m in part)
+                for part in (self.prompt, self.chosen, self.rejected)]  # fmt: skip
 
 
 @dataclass
@@ -68,6 +104,15 @@ class DataReport:
     dropped_examples: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     truncated: dict[str, dict[str, int]] = field(default_factory=dict)
     pairs: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)  # the format each source was read as
+    empty_response_kept: dict[str, int] = field(default_factory=dict)
+    empty_response_examples: dict[str, list[int]] = field(default_factory=dict)
+
+    def record_empty_response(self, source: str, index: int) -> None:
+        self.empty_response_kept[source] = self.empty_response_kept.get(source, 0) + 1
+        examples = self.empty_response_examples.setdefault(source, [])
+        if len(examples) < EXAMPLE_LINES_PER_REASON:
+            examples.append(index)
 
     def record_drop(self, source: str, reason: str, index: int) -> None:
         counts = self.dropped.setdefault(source, defaultdict(int))
@@ -84,9 +129,14 @@ class DataReport:
         for source, read in self.rows_read.items():
             dropped = self.dropped.get(source, {})
             lines.append(f"{source}: {read} rows read, {sum(dropped.values())} dropped")
+            lines.append(f"  format  {self.formats.get(source, 'hh-rlhf')}")
             for reason, count in sorted(dropped.items()):
                 where = ", ".join(map(str, self.dropped_examples[source][reason]))
                 lines.append(f"  dropped {count:>5}  {reason}: {DROP_REASONS[reason]} (first at {where})")
+            if self.empty_response_kept.get(source):
+                where = ", ".join(map(str, self.empty_response_examples[source]))
+                count = self.empty_response_kept[source]
+                lines.append(f"  kept    {count:>5}  empty_response: {EMPTY_RESPONSE_NOTE} (first at {where})")
         for split, kinds in self.truncated.items():
             parts = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
             lines.append(f"{split}: {self.pairs.get(split, 0)} pairs; truncated: {parts}")
@@ -113,19 +163,125 @@ def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
     if HUMAN_MARKER in chosen_response or HUMAN_MARKER in rejected_response:
         # The two sides diverge before their last turn: they answer different conversations.
         raise BadRow("prompt_mismatch")
-    if not chosen_response.strip() or not rejected_response.strip():
-        raise BadRow("empty_response")
-    return prompt, chosen_response, rejected_response
+    if not chosen_response.strip() and not rejected_response.strip():
+        raise BadRow("identical")  # two empty answers: nothing to prefer
+    # One empty (or whitespace-only) response is kept as "": tokenized, it is the end-of-sequence token alone.
+    return prompt, _empty_if_blank(chosen_response), _empty_if_blank(rejected_response)
 
 
-def _parse_row(row: Any) -> tuple[str, str, str]:
+def _empty_if_blank(response: str) -> str:
+    return response if response.strip() else ""
+
+
+def hh_messages(dialogue: str) -> Messages:
+    """hh-rlhf turns as chat messages: "\\n\\nHuman: a\\n\\nAssistant: b" -> user a, assistant b.
+
+    A trailing empty "\\n\\nAssistant:" (a prompt's generation cue) is left to the chat template's generation prompt.
+    """
+    parts = re.split(r"\n\n(Human|Assistant):", dialogue)
+    messages = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def _split_hh_chat(chosen: str, rejected: str) -> tuple[Messages, Messages, Messages]:
+    prompt, chosen_response, rejected_response = split_dialogue(chosen, rejected)
+    return (hh_messages(prompt), [{"role": "assistant", "content": chosen_response.strip()}],
+            [{"role": "assistant", "content": rejected_response.strip()}])  # fmt: skip
+
+
+def _split_standard(prompt: str, chosen: str, rejected: str) -> tuple[str, str, str]:
+    if not prompt.strip():
+        raise BadRow("empty_prompt")
+    if chosen == rejected or not (chosen.strip() or rejected.strip()):
+        raise BadRow("identical")
+    return prompt, _empty_if_blank(chosen), _empty_if_blank(rejected)
+
+
+def _split_standard_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
+    from trl.data_utils import common_prefix_length
+
+    if not chosen.strip() or not rejected.strip():
+        raise BadRow("empty_text")
+    if chosen == rejected:
+        raise BadRow("identical")
+    end = common_prefix_length(chosen, rejected)
+    if end and chosen[end - 1] == " ":  # as TRL's extract_prompt: the space before the responses is theirs
+        end -= 1
+    return _split_standard(chosen[:end], chosen[end:], rejected[end:])
+
+
+def read_messages(value: Any) -> Messages:
+    ok = isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+    if not ok:
+        raise BadRow("malformed_messages")
+    # Only role and content: a hub column of structs adds other keys as None, which a chat template would render.
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _blank(response: str | Messages) -> bool:
+    return not response if isinstance(response, str) else all(not m["content"].strip() for m in response)
+
+
+def _split_conversational(prompt: Messages, chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
+    if not prompt:
+        raise BadRow("empty_prompt")
+    if not chosen or not rejected:
+        raise BadRow("no_response")
+    if chosen == rejected or (_blank(chosen) and _blank(rejected)):
+        raise BadRow("identical")
+    return prompt, chosen, rejected
+
+
+def _split_conversational_implicit(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
+    from trl.data_utils import common_prefix_length
+
+    if chosen == rejected:
+        raise BadRow("identical")
+    end = common_prefix_length(chosen, rejected)
+    return _split_conversational(chosen[:end], chosen[end:], rejected[end:])
+
+
+SPLITTERS = {
+    "hh-rlhf": split_dialogue,
+    "hh-rlhf-chat": _split_hh_chat,
+    "standard": _split_standard,
+    "standard_implicit": _split_standard_implicit,
+    "conversational": _split_conversational,
+    "conversational_implicit": _split_conversational_implicit,
+}
+
+
+def detect_format(row: Any) -> str | None:
+    """The format a row's columns and types say it is in; None for a row that says nothing (not an object)."""
+    if not isinstance(row, dict) or "chosen" not in row:
+        return None
+    chat = isinstance(row["chosen"], list)
+    if "prompt" in row:
+        return "conversational" if chat or isinstance(row["prompt"], list) else "standard"
+    if chat:
+        return "conversational_implicit"
+    return "hh-rlhf" if isinstance(row["chosen"], str) and ASSISTANT_MARKER in row["chosen"] else "standard_implicit"
+
+
+def _parse_row(row: Any, data_format: str) -> tuple:
     if not isinstance(row, dict):
         raise BadRow("malformed_json")
-    if "chosen" not in row or "rejected" not in row:
+    keys = ("prompt", "chosen", "rejected") if data_format in EXPLICIT_PROMPT_FORMATS else ("chosen", "rejected")
+    if any(key not in row for key in keys):
         raise BadRow("missing_field")
-    if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
+    if data_format in ("conversational", "conversational_implicit"):
+        values = [read_messages(row[key]) for key in keys]
+    elif all(isinstance(row[key], str) for key in keys):
+        values = [row[key] for key in keys]
+    else:
         raise BadRow("non_string_field")
-    return split_dialogue(row["chosen"], row["rejected"])
+    return SPLITTERS[data_format](*values)
 
 
 def _local_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -149,53 +305,115 @@ def _local_rows(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: cannot be read as {'gzip ' if opener is gzip.open else ''}JSONL ({error})") from None
 
 
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """A .json file holding one JSON array (rows numbered from 0), or JSON lines (numbered by line)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(4096).lstrip()
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: cannot be read as {'gzip ' if opener is gzip.open else ''}JSON ({error})") from None
+    if not head.startswith(b"["):
+        yield from _local_rows(path)
+        return
+    with opener(path, "rb") as handle:
+        try:
+            rows = json.loads(handle.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"{path}: not a valid JSON array ({error})") from None
+    yield from enumerate(rows)
+
+
+def _load_error(what: str, error: BaseException) -> DataError:
+    while error.__cause__ is not None and not str(error).strip(" ."):
+        error = error.__cause__
+    if "error occurred while generating the dataset" in str(error) and error.__cause__ is not None:
+        error = error.__cause__  # `datasets` wraps the reader's own error, which says what is wrong
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DataError(f"{what} could not be loaded: {message}")
+
+
+def _table_rows(path: Path, loader: str) -> Iterator[tuple[int, Any]]:
+    from datasets import load_dataset
+
+    # An empty CSV cell is an empty string (an empty response), not a missing value.
+    options = {"keep_default_na": False} if loader == "csv" else {}
+    try:
+        dataset = load_dataset(loader, data_files=str(path), split="train", **options)
+    except Exception as error:  # noqa: BLE001 - pyarrow and pandas raise many types; the user needs one line
+        raise _load_error(f"{path} ({loader})", error) from None
+    yield from enumerate(dataset)
+
+
 def _hub_rows(source: str, subset: str | None, split: str) -> Iterator[tuple[int, Any]]:
+    """A hub dataset, or a local directory laid out like one (e.g. harmless-base/train.jsonl.gz): the same call."""
     from datasets import load_dataset
 
     try:
         dataset = load_dataset(source, data_dir=subset, split=split)
     except Exception as error:  # noqa: BLE001 - the hub raises many types; the user needs one line
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"dataset {source!r} (split {split!r}) could not be loaded: {message}") from None
+        raise _load_error(f"dataset {source!r} (split {split!r})", error) from None
     yield from enumerate(dataset)
+
+
+def _resolve_format(rows: Iterator[tuple[int, Any]], forced: str) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """The forced format, or the one the first row that says anything is in (hh-rlhf when none does)."""
+    if forced != "auto":
+        return forced, rows
+    seen = []
+    for index, row in rows:
+        seen.append((index, row))
+        detected = detect_format(row)
+        if detected is not None:
+            return detected, itertools.chain(seen, rows)
+    return "hh-rlhf", iter(seen)
 
 
 def read_pairs(source: str, split: str, config: DataConfig, report: DataReport) -> list[PreferencePair]:
     """Read every row of a source, keeping valid pairs and recording each dropped row by reason."""
-    if source == SYNTHETIC_SOURCE:
+    kind = source_kind(source)
+    if kind == "synthetic":
         from .synthetic import synthetic_rows
 
         rows = enumerate(synthetic_rows(split, config.num_pairs + config.num_test_pairs, seed=0))
         name = f"synthetic:{split}"
-    elif _is_local(source):
+    elif kind == "file":
         path = Path(source)
         if not path.is_file():
             raise DataError(f"{source}: data file not found")
-        rows = _local_rows(path)
+        loader = next((TABLE_LOADERS[suffix] for suffix in TABLE_LOADERS if source.endswith(suffix)), None)
+        rows = _table_rows(path, loader) if loader else _json_rows(path) if source.endswith(JSON_SUFFIXES) else _local_rows(path)
         name = str(path)
     else:
         rows = _hub_rows(source, config.subset, split)
         name = f"{source}:{split}"
 
+    data_format, rows = _resolve_format(rows, config.format)
+    report.formats[name] = data_format
     pairs, read = [], 0
     for index, row in rows:
         read += 1
         try:
             if isinstance(row, BadRow):
                 raise row
-            prompt, chosen, rejected = _parse_row(row)
+            prompt, chosen, rejected = _parse_row(row, data_format)
         except BadRow as bad:
             if config.strict:
                 raise DataError(f"{name}:{index}: {DROP_REASONS[bad.reason]} (strict mode)") from None
             report.record_drop(name, bad.reason, index)
             continue
+        if _blank(chosen) or _blank(rejected):
+            report.record_empty_response(name, index)
         pairs.append(PreferencePair(index, prompt, chosen, rejected))
     report.rows_read[name] = read
     if read == 0:
         raise DataError(f"{name}: no rows (the file is empty)")
     if not pairs:
         reasons = ", ".join(sorted(report.dropped.get(name, {})))
-        raise DataError(f"{name}: none of its {read} rows is a usable preference pair ({reasons}); is it hh-rlhf JSONL?")
+        raise DataError(
+            f"{name}: none of its {read} rows is a usable preference pair in the {data_format} format ({reasons}); "
+            f"set data.format if it is in another"
+        )
     return pairs
 
 
@@ -213,7 +431,8 @@ def load_text_splits(config: DataConfig, seed: int, report: DataReport, config_f
     """Sample train/val/test pairs deterministically from the seed."""
     rng = random.Random(seed)
     pool = read_pairs(config.source, config.train_split, config, report)
-    separate_test = config.test_source is not None or not _is_local(config.source)
+    # A hub dataset (or a directory laid out like one) has a test split; a file's test pairs are carved from it.
+    separate_test = config.test_source is not None or source_kind(config.source) == "dataset"
     needed = config.num_pairs + (0 if separate_test else config.num_test_pairs)
     if needed > len(pool):
         what = "data.num_pairs" if separate_test else "data.num_pairs + data.num_test_pairs"
@@ -234,8 +453,13 @@ def load_text_splits(config: DataConfig, seed: int, report: DataReport, config_f
     return TextSplits(train=train_val[num_val:], val=train_val[:num_val], test=test)
 
 
-def _is_local(source: str) -> bool:
-    return source == SYNTHETIC_SOURCE or source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
+def source_kind(source: str) -> str:
+    """`synthetic`, a local `file`, or a `dataset`: a hub id or a local directory laid out like a hub dataset."""
+    if source == SYNTHETIC_SOURCE:
+        return "synthetic"
+    if source.endswith(LOCAL_SUFFIXES) or Path(source).is_file():
+        return "file"
+    return "dataset"
 
 
 def truncate_pair(
@@ -262,23 +486,80 @@ def truncate_pair(
     return prompt_ids, chosen_ids, rejected_ids, kinds
 
 
+def use_chat_template(tokenizer, config: DataConfig, what: str) -> None:
+    """Give the tokenizer `data.chat_template` (a Jinja template, or a file holding one), or check it has its own.
+
+    The tokenizer is saved with every checkpoint, so evaluation renders messages with the template training used.
+    """
+    template = config.chat_template
+    if template is not None:
+        tokenizer.chat_template = template if "{" in template else Path(template).read_text(encoding="utf-8")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{what} are chat messages but the tokenizer has no chat template: set data.chat_template to a Jinja "
+            f"template or a file holding one"
+        )
+
+
+def _chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+    )["input_ids"]
+
+
+def encode_pairs(
+    pairs: list[PreferencePair], tokenizer, config: DataConfig, split: str
+) -> tuple[list[tuple[list[int], list[int], list[int]]], int]:
+    """(prompt_ids, chosen_ids, rejected_ids) per pair, before truncation, and how many prompts lost their end.
+
+    Text: prompt and responses are tokenized apart, each response followed by end-of-sequence (an empty one is that
+    token alone). Messages, as TRL does: the prompt rendered with the generation prompt, each response as what
+    rendering prompt + response adds after the tokens both renderings share. A template that renders the prompt's
+    end differently when a response follows leaves that end out (as TRL does); such prompts are counted.
+    """
+    from trl.data_utils import common_prefix_length
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not eos and any(_blank(pair.chosen) or _blank(pair.rejected) for pair in pairs):
+        empty = next(pair.index for pair in pairs if _blank(pair.chosen) or _blank(pair.rejected))
+        raise DataError(f"{split} pair {empty}: a response is empty and the tokenizer has no end-of-sequence token to score it")
+    texts = [pair for pair in pairs if isinstance(pair.prompt, str)]
+
+    def encode(parts: list[str]) -> list[list[int]]:
+        return tokenizer(parts, add_special_tokens=False)["input_ids"] if parts else []
+
+    encoded_texts = iter(zip(
+        encode([p.prompt for p in texts]),
+        [ids + eos for ids in encode([p.chosen for p in texts])],
+        [ids + eos for ids in encode([p.rejected for p in texts])],
+    ))  # fmt: skip
+    if len(texts) < len(pairs):
+        use_chat_template(tokenizer, config, f"{split} pairs")
+    encoded, prompt_end_differs = [], 0
+    for pair in pairs:
+        if isinstance(pair.prompt, str):
+            encoded.append(next(encoded_texts))
+            continue
+        prompt_ids = _chat_ids(tokenizer, pair.prompt, add_generation_prompt=True)
+        full = [_chat_ids(tokenizer, pair.prompt + response) for response in (pair.chosen, pair.rejected)]
+        shared = min(common_prefix_length(prompt_ids, ids) for ids in full)
+        if shared == 0:
+            raise DataError(f"{split} pair {pair.index}: the chat template renders the prompt differently from the start")
+        prompt_end_differs += shared < len(prompt_ids)
+        encoded.append((prompt_ids[:shared], *(ids[shared:] or eos for ids in full)))
+    return encoded, prompt_end_differs
+
+
 def tokenize_pairs(
     pairs: list[PreferencePair], tokenizer, config: DataConfig, split: str, report: DataReport
 ) -> Dataset:
     """Tokenize prompt and responses separately (so both responses share the exact prompt tokens) and truncate."""
     from datasets import Dataset
 
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-    prompts = encode([p.prompt for p in pairs])
-    chosens = [ids + eos for ids in encode([p.chosen for p in pairs])]
-    rejecteds = [ids + eos for ids in encode([p.rejected for p in pairs])]
+    encoded, prompt_end_differs = encode_pairs(pairs, tokenizer, config, split)
     columns: dict[str, list] = defaultdict(list)
     counts = {"prompt_cut_left": 0, "response_cut_right": 0}
-    for pair, prompt_ids, chosen_ids, rejected_ids in zip(pairs, prompts, chosens, rejecteds):
+    for pair, (prompt_ids, chosen_ids, rejected_ids) in zip(pairs, encoded):
         prompt_ids, chosen_ids, rejected_ids, kinds = truncate_pair(
             prompt_ids, chosen_ids, rejected_ids, config.max_length, config.min_prompt_tokens
         )
@@ -290,6 +571,8 @@ def tokenize_pairs(
         columns["rejected_ids"].append(rejected_ids)
         # Length of the shared-prompt row [prompt, chosen, rejected]: what a batch pads to.
         columns["length"].append(len(prompt_ids) + len(chosen_ids) + len(rejected_ids))
+    if prompt_end_differs:
+        counts["chat_template_prompt_end_left_out"] = prompt_end_differs
     report.truncated[split] = counts
     report.pairs[split] = len(pairs)
     return Dataset.from_dict(dict(columns))

@@ -29,11 +29,15 @@ import torch
 from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig, load_config
 from .data import (
     ASSISTANT_MARKER,
+    CHAT_FORMATS,
     HUMAN_MARKER,
+    BadRow,
     DataError,
     DataReport,
     PreferencePair,
+    encode_pairs,
     load_text_splits,
+    read_messages,
     read_pairs,
     tokenize_pairs,
 )
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
 
 RUN_CONFIG_FILE = "config.yaml"
 DATA_INDICES_FILE = "data_indices.json"
+DATA_REPORT_FILE = "data_report.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 TEST_DATASET = "test"
 BOOTSTRAP_SAMPLES = 1000
@@ -312,6 +317,15 @@ class RunScorer:
             print(line, flush=True)
         return pairs
 
+    @property
+    def data_format(self) -> str:
+        """The format the run's data was read in: as configured, or as detected and recorded in data_report.json."""
+        if self.config.data.format != "auto":
+            return self.config.data.format
+        report = self.run_dir / DATA_REPORT_FILE
+        formats = json.loads(report.read_text()).get("formats", {}) if report.is_file() else {}
+        return next(iter(formats.values()), "hh-rlhf")
+
     def tokenize(self, pairs: list[PreferencePair], split: str, report: DataReport) -> Dataset:
         return tokenize_pairs(pairs, self.tokenizer, self.config.data, split, report)
 
@@ -355,7 +369,7 @@ class RunScorer:
 def dataset_name(source: str) -> str:
     """A file-name-safe name for a dataset given on the command line: its file stem or hub id."""
     name = Path(source).name if Path(source).exists() else source
-    name = re.sub(r"\.(jsonl|json)(\.gz)?$", "", name)
+    name = re.sub(r"\.(jsonl|json|parquet|csv)(\.gz)?$", "", name)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "data"
 
 
@@ -501,6 +515,19 @@ def eval_table(results: list[dict]) -> str:
 RANK_KEYS = ("prompt", "response_a", "response_b")
 
 
+def rank_pair(index: int, triple: dict, data_format: str) -> PreferencePair:
+    """A triple as a pair in the run's data format; response A takes the place of "chosen", B of "rejected"."""
+    prompt, a, b = (triple[key] for key in RANK_KEYS)
+    if data_format in CHAT_FORMATS:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return PreferencePair(index, messages, *([{"role": "assistant", "content": r.strip()}] for r in (a, b)))
+    if not isinstance(prompt, str):
+        raise DataError(f"rank: the prompt of pair {index + 1} is a message list, but the run was trained on {data_format} text")
+    if data_format == "hh-rlhf":
+        return PreferencePair(index, *as_dialogue(prompt, a), as_dialogue(prompt, b)[1])
+    return PreferencePair(index, prompt, *(r if r.strip() else "" for r in (a, b)))
+
+
 def as_dialogue(prompt: str, response: str) -> tuple[str, str]:
     """Bare text becomes an hh-rlhf turn ("\\n\\nHuman: ...\\n\\nAssistant:" + " response"), as the model was trained on."""
     prompt = prompt.rstrip()
@@ -508,13 +535,18 @@ def as_dialogue(prompt: str, response: str) -> tuple[str, str]:
         if HUMAN_MARKER.strip() not in prompt:
             prompt = f"{HUMAN_MARKER} {prompt.strip()}"
         prompt += ASSISTANT_MARKER
+    if not response.strip():
+        return prompt, ""  # an empty response is scored as end-of-sequence alone, as in training
     if response[:1] not in (" ", "\n"):
         response = " " + response
     return prompt, response
 
 
-def read_rank_triples(path: str | Path) -> list[dict[str, str]]:
-    """{prompt, response_a, response_b} objects, one per line; any bad line is an error naming it."""
+def read_rank_triples(path: str | Path) -> list[dict[str, Any]]:
+    """{prompt, response_a, response_b} objects, one per line; any bad line is an error naming it.
+
+    The prompt is text, or a list of {role, content} messages for a run trained on a chat format.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -528,9 +560,18 @@ def read_rank_triples(path: str | Path) -> list[dict[str, str]]:
             raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected an object with keys {', '.join(RANK_KEYS)}")
-        for key in RANK_KEYS:
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(f"{path}:{number}: key '{key}' must be a non-empty string")
+        if isinstance(row.get("prompt"), list):
+            try:
+                row["prompt"] = read_messages(row["prompt"])
+                if not row["prompt"]:
+                    raise BadRow("empty_prompt")
+            except BadRow:
+                raise DataError(f"{path}:{number}: key 'prompt' must be a non-empty string or list of {{role, content}} messages") from None
+        elif not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise DataError(f"{path}:{number}: key 'prompt' must be a non-empty string")
+        for key in RANK_KEYS[1:]:  # a response may be empty: it is then scored as end-of-sequence alone
+            if not isinstance(row.get(key), str):
+                raise DataError(f"{path}:{number}: key '{key}' must be a string")
         triples.append({key: row[key] for key in RANK_KEYS})
     if not triples:
         raise DataError(f"{path}: no pairs to rank (the file is empty)")
@@ -556,8 +597,7 @@ def rank_responses(
     scorer = _scorer_for(given, reference, beta, batch_size)
     checkpoint = given.resolve()
     # Response A is scored as "chosen" and B as "rejected": exactly the two branches of a training pair.
-    pairs = [PreferencePair(i, *as_dialogue(t["prompt"], t["response_a"]), as_dialogue(t["prompt"], t["response_b"])[1])
-             for i, t in enumerate(triples)]  # fmt: skip
+    pairs = [rank_pair(i, triple, scorer.data_format) for i, triple in enumerate(triples)]
     report = DataReport()
     dataset = scorer.tokenize(pairs, "rank", report)
     policy_a, policy_b = scorer.logps(scorer.policy_model(checkpoint), dataset)
@@ -623,6 +663,10 @@ def _sample(model, tokenizer, prompt_ids: list[int], settings: SamplingSettings,
     return text.split(HUMAN_MARKER)[0].strip()
 
 
+def _transcript(messages: list[dict[str, str]]) -> str:
+    return "\n".join(f"{message['role']}: {message['content']}" for message in messages)
+
+
 def _cell(text: str) -> str:
     # An undertrained model emits control characters too; in a table cell they would break the row.
     text = "".join(c if c.isprintable() or c == "\n" else " " if c == "\t" else "\ufffd" for c in text)
@@ -666,7 +710,7 @@ def write_generations(
         "",
     ]
     for number, pair in enumerate(pairs, start=1):
-        prompt_ids = scorer.tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+        (prompt_ids, _, _), *_ = encode_pairs([pair], scorer.tokenizer, scorer.config.data, "generate")[0]
         prompt_ids = prompt_ids[-(max_length - settings.max_new_tokens) :]
         seed = settings.seed + number
         with torch.no_grad(), scorer.autocast():
@@ -675,12 +719,12 @@ def write_generations(
             f"## Prompt {number} ({'row' if data_source else 'test pair'} {pair.index})",
             "",
             "```text",
-            pair.prompt.strip(),
+            pair.texts()[0].strip() if isinstance(pair.prompt, str) else _transcript(pair.prompt),
             "```",
             "",
             "| " + " | ".join(models) + " | dataset's chosen response |",
             "|" + "---|" * (len(models) + 1),
-            "| " + " | ".join(_cell(text) for text in samples.values()) + f" | {_cell(pair.chosen.strip())} |",
+            "| " + " | ".join(_cell(text) for text in samples.values()) + f" | {_cell(pair.texts()[1].strip())} |",
             "",
         ]
     out = out or scorer.run_dir / f"generations_{checkpoint.name}.md"

@@ -599,7 +599,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     report = DataReport()
     splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
     tokenizer_source = str(resume_from) if resume_from is not None else None
-    training_texts = [text for p in splits.train for text in (p.prompt, p.chosen, p.rejected)]
+    training_texts = [text for p in splits.train for text in p.texts()]
     tokenizer = load_tokenizer(config.model, training_texts, source=tokenizer_source)
     data = prepare_data(splits, tokenizer, config.data, report)
     model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
@@ -674,10 +674,40 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     return PreparedRun(trainer, guard, resume_from)
 
 
+RUN_INFO_FILE = "run_info.json"
+
+
+def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
+    """Where and how long the run trained (each session of a resumed run adds its own), for reports to quote."""
+    import platform
+
+    import transformers
+    import trl
+
+    path = run_dir / RUN_INFO_FILE
+    info = json.loads(path.read_text()) if path.is_file() and run.resume_from is not None else {"sessions": []}
+    state = run.trainer.accelerator.state
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    info["sessions"].append(
+        {
+            "wall_seconds": round(seconds, 1),  # data, reference pass, training, validation and saving
+            "resumed_from": run.resume_from.name if run.resume_from else None,
+            "device": device,
+            "processes": state.num_processes,
+            "distributed": str(state.distributed_type),
+            "precision": "bf16" if run.trainer.args.bf16 else "fp16" if run.trainer.args.fp16 else "fp32",
+            "software": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        }
+    )
+    info["wall_seconds"] = round(sum(session["wall_seconds"] for session in info["sessions"]), 1)
+    _atomic_write(path, json.dumps(info, indent=2))
+
+
 def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> int:
     """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
     from .report import plot_run
 
+    started = time.perf_counter()
     run = prepare_run(config, resume, verbose)
     try:
         run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
@@ -695,6 +725,7 @@ def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = Fal
                 print(f"interrupted before any epoch finished; nothing to resume. Start again with: {command}", file=sys.stderr)
         return 130
     if is_main:
+        _record_session(run_dir, run, time.perf_counter() - started)
         plot_run(run_dir)
         best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
         if best:
