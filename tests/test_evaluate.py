@@ -239,6 +239,19 @@ def test_rank_prefers_chosen_after_training_and_ties_before(trained_run):
         assert flipped["reward_a"] == pytest.approx(original["reward_b"], abs=1e-4)
 
 
+def test_identical_responses_are_an_exact_tie(trained_run):
+    # B is scored later in the packed row than A, where float sums round differently (measured: up to ~5e-7 apart).
+    prompts = ["How do I bake a loaf of bread?", "How do I fix a flat bicycle tire?", "\n\nHuman: Hi\n\nAssistant:"]
+    responses = ["Sure, happy to help. Mix flour, water, salt and yeast.", "Why would I tell you? Go away.", "Of course."]
+    triples = [{"prompt": p, "response_a": r, "response_b": r} for p in prompts for r in responses]
+    results = rank_responses(trained_run / "best", triples)
+    assert all(r["reward_a"] == r["reward_b"] and r["prefers"] == "tie" for r in results)
+    assert len({r["reward_a"] for r in results}) > 1  # real rewards, not zeros
+    # A response equal to B only after the leading space the dialogue format adds is the same tokens: a tie too.
+    (spaced,) = rank_responses(trained_run / "best", [{"prompt": prompts[0], "response_a": "Of course.", "response_b": " Of course."}])
+    assert spaced["prefers"] == "tie"
+
+
 def test_rank_cli_reads_pairs_files_and_single_pairs(trained_run, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(t) + "\n" for t in _test_triples(trained_run)[:3]))

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, looks_like_local_path
+from .config import describe_model  # noqa: F401 - with the models for callers (the model card); defined beside ModelConfig
 
 LOCAL_BPE = "local-bpe"
 EOS_TOKEN = "<|endoftext|>"
@@ -39,13 +40,25 @@ def load_tokenizer(config: ModelConfig, training_texts: list[str] | None = None,
             raise ValueError("model.tokenizer: local-bpe needs training text")
         return train_local_tokenizer(training_texts, config.tokenizer_vocab_size)
     name = source or config.tokenizer or config.name_or_path
+    key = "checkpoint" if source else "model.tokenizer" if config.tokenizer else "model.name_or_path"
+    name = _existing_directory(name, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"model.tokenizer: cannot load tokenizer {name!r} ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{key}: cannot load tokenizer {name!r} ({str(error).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _existing_directory(name: str, key: str) -> str:
+    """A name written as a path must be a directory; otherwise the hub library reports it as a malformed repo id."""
+    if looks_like_local_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"{key}: no such directory: {name}" + (" (it is a file)" if path.exists() else ""))
+        return str(path)
+    return name
 
 
 def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, source: str | None = None):
@@ -67,7 +80,7 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
         model = GPT2LMHeadModel(gpt2)
         model.config._attn_implementation = config.attn_implementation
     else:
-        name = source or config.name_or_path
+        name = _existing_directory(source or config.name_or_path, "checkpoint" if source else "model.name_or_path")
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 name,

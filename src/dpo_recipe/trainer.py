@@ -705,8 +705,13 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         if resume_from is None:
             raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
         print(f"resuming {run_dir} from {resume_from.name} (step {_checkpoint_step(resume_from)})", flush=True)
+    elif config.training.overwrite:  # every process takes this branch, so the barrier below is always matched
+        if state.is_main_process and run_dir.is_dir():
+            print(f"overwrite: removing {run_dir}", flush=True)
+            shutil.rmtree(run_dir)
+        state.wait_for_everyone()
     elif epoch_dirs(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue, or remove it to start over")
+        raise ConfigError(f"{run_dir} already holds checkpoints: add --resume to continue that run, or --overwrite to start over")
 
     report = DataReport()
     splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
