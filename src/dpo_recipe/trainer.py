@@ -717,7 +717,10 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
     tokenizer_source = str(resume_from) if resume_from is not None else None
     training_texts = [text for p in splits.train for text in p.texts()]
-    tokenizer = load_tokenizer(config.model, training_texts, source=tokenizer_source)
+    with state.main_process_first():  # a local BPE is trained by the main process; the others read it
+        tokenizer = load_tokenizer(
+            config.model, training_texts, source=tokenizer_source, cache_dir=config.training.reference_cache_dir
+        )
     data = prepare_data(splits, tokenizer, config.data, report)
     model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
     if state.is_main_process:
