@@ -43,6 +43,8 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
     # 192 train pairs at an effective batch of 16: 12 optimizer steps per epoch
     assert [r["step"] for r in records] == [12, 24, 36]
     assert records[-1]["val"]["accuracy"] > 0.6  # the preference was learned
+    card = (run_dir / "README.md").read_text()
+    assert "a fine-tuned version of GPT-2 from config, random init (n_layer=2" in card and "None" not in card
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["wall_seconds"] > 0 and info["sessions"][0]["device"].startswith("CPU")
     assert info["sessions"][0]["precision"] == "fp32" and info["sessions"][0]["processes"] == 1

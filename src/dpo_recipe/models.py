@@ -13,7 +13,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .config import ConfigError, ModelConfig, looks_like_local_path
-from .config import describe_model  # noqa: F401 - with the models for callers (the model card); defined beside ModelConfig
 
 LOCAL_BPE = "local-bpe"
 EOS_TOKEN = "<|endoftext|>"

@@ -41,7 +41,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
-from .config import ConfigError, RecipeConfig
+from .config import ConfigError, RecipeConfig, describe_model
 from .data import DataReport, load_text_splits, prepare_data
 from .loss import resolve_loss
 from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
@@ -126,9 +126,11 @@ class WideLengthGroupedSampler(LengthGroupedSampler):
 
 class RecipeDPOTrainer(DPOTrainer):
     def __init__(
-        self, *args, model, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, ref_model=None, **kwargs
+        self, *args, model, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, ref_model=None,
+        model_description: str | None = None, **kwargs,
     ):
         self.loss_fn = loss_fn
+        self.model_description = model_description
         self.reference_cache_dir = reference_cache_dir
         self.reference_cache_hits: dict[str, bool] = {}
         self.totals = totals or RunningTotals()
@@ -147,6 +149,18 @@ class RecipeDPOTrainer(DPOTrainer):
         if self.accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp_requested():
             _fsdp_over_gloo(self.accelerator)
             self.is_fsdp_enabled = True
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero() or self.model_description is None:
+            return
+        # TRL's card links a hub base model and a hub repo; a local or locally built model has neither, and the card
+        # would say "a fine-tuned version of [None]" and load model "None".
+        card = Path(self.args.output_dir) / "README.md"
+        text = card.read_text().replace(
+            "a fine-tuned version of [None](https://huggingface.co/None)", f"a fine-tuned version of {self.model_description}"
+        )
+        card.write_text(text.replace('model="None"', f'model="{Path(self.args.output_dir) / BEST_LINK}"'))
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # A tied LM head is saved once, as the input embedding, so its key is "missing" on every resume by design.
@@ -770,6 +784,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         loss_fn=loss_fn,
         reference_cache_dir=config.training.reference_cache_dir,
         totals=totals,
+        model_description=describe_model(config.model),
     )
     if config.training.eval_steps:
         trainer.add_callback(StepEvaluation(config.training.eval_steps))
