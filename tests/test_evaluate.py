@@ -33,6 +33,8 @@ from dpo_recipe.packing import PairCollator
 from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.trainer import run_training
 
+from conftest import write_jsonl
+
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 NUM_TEST_PAIRS = 24  # half the smoke default: every evaluation below is a forward pass over them
 METRIC_KEYS = {
@@ -298,6 +300,17 @@ def test_generate_writes_policy_and_reference_side_by_side_reproducibly(trained_
     assert "| reference |" in header
     rows = [line for line in first.splitlines() if line.startswith("| ") and not line.startswith("| policy")]
     assert len(rows) == 2 and all(row.count(" | ") == 2 for row in rows)
+
+
+def test_generate_takes_your_own_prompts(trained_run, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "How do I fix a flat tyre?"}, {"prompt": "Tell me a joke."}])
+    out = write_generations(trained_run / "best", SamplingSettings(max_new_tokens=8), tmp_path / "own.md", prompts_file=prompts)
+    text = out.read_text()
+    assert "2 prompts from" in text and "Human: How do I fix a flat tyre?" in text and "## Prompt 2 (line 2)" in text
+    assert "dataset's chosen response" not in text  # no dataset answer to show beside your own prompts
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"question": "no prompt key"}])
+    assert main(["generate", "--checkpoint", str(trained_run / "best"), "--prompts", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {bad}:2: 'prompt' must be non-empty text or a list of messages"
 
 
 def test_lora_checkpoint_is_base_plus_adapter(trained_run, tmp_path):

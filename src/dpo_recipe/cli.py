@@ -78,7 +78,7 @@ def _command_generate(args) -> int:
     from .evaluate import SamplingSettings, write_generations
 
     settings = SamplingSettings(args.num_prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    print(f"wrote {write_generations(args.checkpoint, settings, args.out, args.reference, args.data)}")
+    print(f"wrote {write_generations(args.checkpoint, settings, args.out, args.reference, args.data, args.prompts)}")
     return 0
 
 
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--checkpoint", required=True, type=Path, help="e.g. checkpoints/beta0.3/best, or any model directory")
     _outside_a_run_arguments(generate, beta=False)
     generate.add_argument("--data", help="take the prompts from this preference dataset (default: the run's test pairs)")
+    generate.add_argument("--prompts", type=Path, help='your own prompts: JSONL of {"prompt": text or messages}, all used')
     generate.add_argument("--num-prompts", type=int, default=4)
     generate.add_argument("--max-new-tokens", type=int, default=48)
     generate.add_argument("--temperature", type=float, default=0.7)

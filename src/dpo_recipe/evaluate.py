@@ -542,6 +542,27 @@ def as_dialogue(prompt: str, response: str) -> tuple[str, str]:
     return prompt, response
 
 
+def read_prompts(path: str | Path) -> list[str | list[dict[str, str]]]:
+    """{"prompt": text or messages} objects, one per line; any bad line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line).get("prompt")
+        except (json.JSONDecodeError, AttributeError):
+            raise DataError(f"{path}:{number}: expected a JSON object with key 'prompt'") from None
+        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+            raise DataError(f"{path}:{number}: 'prompt' must be non-empty text or a list of messages")
+        prompts.append(prompt)
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
 def read_rank_triples(path: str | Path) -> list[dict[str, Any]]:
     """{prompt, response_a, response_b} objects, one per line; any bad line is an error naming it.
 
@@ -680,9 +701,10 @@ def write_generations(
     out: Path | None = None,
     reference: str | None = None,
     data_source: str | None = None,
+    prompts_file: str | Path | None = None,
 ) -> Path:
-    """Sample from the policy and the reference for the first test prompts (or those of `data_source`); write them
-    side by side in markdown."""
+    """Sample from the policy and the reference for the first test prompts (or those of `data_source`, or every prompt
+    of `prompts_file`); write them side by side in markdown."""
     settings = settings or SamplingSettings()
     given = Path(checkpoint)
     scorer = _scorer_for(given, reference, None)
@@ -693,7 +715,12 @@ def write_generations(
     if settings.num_prompts < 1 or settings.temperature <= 0 or not 0 < settings.top_p <= 1:
         raise ConfigError(f"generate: need --num-prompts >= 1, --temperature > 0 and --top-p in (0, 1] (got {settings})")
     report = DataReport()
-    pairs = (scorer.read_pairs(data_source, report) if data_source else scorer.test_pairs(report))[: settings.num_prompts]
+    if prompts_file is not None:  # prompts only: no dataset response to show beside the samples
+        prompts = read_prompts(prompts_file)
+        pairs = [rank_pair(i, {"prompt": p, "response_a": "", "response_b": ""}, scorer.data_format) for i, p in enumerate(prompts)]
+    else:
+        pairs = (scorer.read_pairs(data_source, report) if data_source else scorer.test_pairs(report))[: settings.num_prompts]
+    source = f"prompts from {prompts_file}" if prompts_file else f"prompts from {data_source}" if data_source else "test prompts"
     if not pairs:
         raise DataError(f"{scorer.config_file}: the run has no test pairs to take prompts from")
     models = {
@@ -703,7 +730,7 @@ def write_generations(
     lines = [
         f"# Samples: {scorer.run_dir.name} / {checkpoint.name} vs. the reference",
         "",
-        f"{len(pairs)} {'prompts from ' + data_source if data_source else 'test prompts'}; sampling with temperature {settings.temperature}, top-p {settings.top_p}, "
+        f"{len(pairs)} {source}; sampling with temperature {settings.temperature}, top-p {settings.top_p}, "
         f"at most {settings.max_new_tokens} new tokens, seed {settings.seed} (the same per prompt for both models). "
         f"Each answer is cut where the model starts a new '\\n\\nHuman:' turn. Long prompts keep their last "
         f"{max_length - settings.max_new_tokens} tokens.",
@@ -715,16 +742,20 @@ def write_generations(
         seed = settings.seed + number
         with torch.no_grad(), scorer.autocast():
             samples = {name: _sample(model, scorer.tokenizer, prompt_ids, settings, seed) for name, model in models.items()}
+        columns, cells = list(models), [_cell(text) for text in samples.values()]
+        if prompts_file is None:
+            columns, cells = columns + ["dataset's chosen response"], cells + [_cell(pair.texts()[1].strip())]
+        where = "line" if prompts_file else "row" if data_source else "test pair"
         lines += [
-            f"## Prompt {number} ({'row' if data_source else 'test pair'} {pair.index})",
+            f"## Prompt {number} ({where} {pair.index + 1 if prompts_file else pair.index})",
             "",
             "```text",
             pair.texts()[0].strip() if isinstance(pair.prompt, str) else _transcript(pair.prompt),
             "```",
             "",
-            "| " + " | ".join(models) + " | dataset's chosen response |",
-            "|" + "---|" * (len(models) + 1),
-            "| " + " | ".join(_cell(text) for text in samples.values()) + f" | {_cell(pair.texts()[1].strip())} |",
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+            "| " + " | ".join(cells) + " |",
             "",
         ]
     out = out or scorer.run_dir / f"generations_{checkpoint.name}.md"
