@@ -8,7 +8,11 @@ HAS_GPU := $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_avail
 #   make train LAUNCH="$(BIN)/accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml"
 LAUNCH ?= $(if $(filter 1,$(HAS_GPU)),$(BIN)/accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml,$(BIN)/python)
 SWEEP_CONFIGS ?= configs/beta0.3.yaml configs/beta0.3_lr1e-5.yaml configs/beta0.5.yaml configs/beta0.7.yaml
+# Extra arguments for the command a target runs, e.g. make train ARGS=--resume, make test ARGS="-k report -x".
 ARGS ?=
+# The smoke targets are demos, so each run starts over (--overwrite) and running them twice works; ARGS=--resume
+# continues instead.
+DEMO_START = $(if $(filter --resume,$(ARGS)),,--overwrite)
 
 .PHONY: install test smoke train eval sweep sweep-smoke bench docker
 
@@ -22,10 +26,10 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 
 test:
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests $(ARGS)
 
 smoke:
-	$(LAUNCH) scripts/train.py --config configs/smoke.yaml
+	$(LAUNCH) scripts/train.py --config configs/smoke.yaml $(DEMO_START) $(ARGS)
 
 train:
 	$(LAUNCH) scripts/train.py --config $(CONFIG) $(ARGS)
@@ -41,13 +45,13 @@ eval:
 
 # The four sweep configs, each evaluated on its test pairs at its best epoch, then reports/sweep.md.
 sweep:
-	for config in $(SWEEP_CONFIGS); do $(LAUNCH) scripts/train.py --config $$config || exit 1; done
+	for config in $(SWEEP_CONFIGS); do $(LAUNCH) scripts/train.py --config $$config $(ARGS) || exit 1; done
 	$(BIN)/python scripts/eval.py $(sweep_runs)
 	$(BIN)/python -m dpo_recipe report $(sweep_runs) --out reports/sweep.md
 
 # The same pipeline at smoke size (tiny GPT-2, synthetic pairs, CPU): one smoke run per beta, then reports/sweep_smoke.md.
 sweep-smoke:
-	for beta in $(SMOKE_BETAS); do $(LAUNCH) scripts/train.py --config configs/smoke.yaml --set run_name=smoke_beta$$beta --set loss.beta=$$beta || exit 1; done
+	for beta in $(SMOKE_BETAS); do $(LAUNCH) scripts/train.py --config configs/smoke.yaml --set run_name=smoke_beta$$beta --set loss.beta=$$beta $(DEMO_START) $(ARGS) || exit 1; done
 	$(BIN)/python scripts/eval.py $(smoke_runs)
 	$(BIN)/python -m dpo_recipe report $(smoke_runs) --out reports/sweep_smoke.md
 

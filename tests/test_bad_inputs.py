@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,10 +84,31 @@ def test_config_mistake_is_one_line_naming_file_and_key(tmp_path, mistake):
     assert not (tmp_path / "checkpoints").exists()  # nothing was trained or written
 
 
-def test_override_mistake_and_broken_files_are_one_line(tmp_path):
-    result = run_cli("train", "--config", str(SMOKE_CONFIG), "--set", "loss.betta=0.1")
+# (--set flag, what the error must say after naming that flag): the flag is the source, not the file it overrides.
+OVERRIDE_MISTAKES = {
+    "loss.beta=-1": "loss.beta must be > 0 (got -1.0)",
+    "loss.betta=0.1": "unknown key 'loss.betta' (allowed here: beta, label_smoothing, rpo_alpha, type)",
+    "training.num_epochs=three": "training.num_epochs must be an integer, got 'three'",
+    "model.lora={r: 0}": "model.lora.r must be >= 1 (got 0)",
+    "training.precision=fp64": "training.precision must be one of auto, bf16, fp32, fp16 (got 'fp64')",
+}
+
+
+@pytest.mark.parametrize("override", OVERRIDE_MISTAKES)
+def test_an_override_mistake_names_the_set_flag_not_the_file(override):
+    result = run_cli("train", "--config", str(SMOKE_CONFIG), "--set", "loss.beta=0.5", "--set", override)
     assert result.returncode == 2
-    assert single_error_line(result.stderr).startswith(f"error: {SMOKE_CONFIG}: unknown key 'loss.betta' (allowed here: ")
+    assert single_error_line(result.stderr) == f"error: --set {override}: {OVERRIDE_MISTAKES[override]}"
+
+
+def test_a_file_mistake_still_names_the_file_when_other_keys_are_set(tmp_path):
+    path = write_config(tmp_path, "loss:\n  beta: -0.1\n")
+    result = run_cli("print-config", "--config", str(path), "--set", "training.num_epochs=2")
+    assert result.returncode == 2
+    assert single_error_line(result.stderr) == f"error: {path}: loss.beta must be > 0 (got -0.1)"
+
+
+def test_override_mistake_and_broken_files_are_one_line(tmp_path):
 
     missing = tmp_path / "nope.yaml"
     result = run_cli("print-config", "--config", str(missing))
@@ -109,6 +131,9 @@ def test_max_length_above_the_model_context_names_file_and_key(tmp_path, capsys)
     path = write_config(tmp_path, "data:\n  num_pairs: 16\n  num_test_pairs: 4\nmodel:\n  tiny: {n_positions: 32}\n")
     code, line = call_main(capsys, "train", "--config", str(path), "--set", "data.max_length=48")
     assert code == 2
+    assert line == "error: --set data.max_length=48: data.max_length must be <= the model's context of 32 tokens (got 48)"
+    path = write_config(tmp_path, "data:\n  num_pairs: 16\n  num_test_pairs: 4\n  max_length: 48\nmodel:\n  tiny: {n_positions: 32}\n")
+    code, line = call_main(capsys, "train", "--config", str(path))
     assert line == f"error: {path}: data.max_length must be <= the model's context of 32 tokens (got 48)"
 
 
@@ -273,16 +298,59 @@ def test_an_unusable_file_is_one_clear_error(tmp_path, problem):
     assert str(error.value).startswith(expected.replace("{path}", str(path)))
 
 
-def test_unknown_hub_dataset_fails_fast_offline_with_one_line(tmp_path):
-    result = run_cli(
-        "train", "--config", str(SMOKE_CONFIG), "--set", "data.source=nonexistent-org/nonexistent-dataset",
-        "--set", f"training.output_dir={tmp_path}", env={"HF_HUB_OFFLINE": "1"}, timeout=120,
+def _without_hub(tmp_path, **extra: str) -> dict:
+    """No hub: an endpoint where nothing listens (no internet is contacted) and an empty cache."""
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf_home"), **extra}
+
+
+@pytest.mark.parametrize("offline", ["unreachable endpoint", "HF_HUB_OFFLINE=1"])
+def test_the_study_config_without_the_hub_fails_in_seconds_naming_the_offline_options(tmp_path, offline):
+    env = _without_hub(tmp_path, **({"HF_HUB_OFFLINE": "1"} if offline == "HF_HUB_OFFLINE=1" else {}))
+    config = REPO / "configs" / "beta0.3.yaml"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "dpo_recipe", "train", "--config", str(config), "--set", f"training.output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
     )
+    elapsed = time.perf_counter() - started
     assert result.returncode == 2
-    assert single_error_line(result.stderr) == (
-        "error: dataset 'nonexistent-org/nonexistent-dataset' (split 'train') could not be loaded: "
-        "Couldn't reach 'nonexistent-org/nonexistent-dataset' on the Hub (OfflineModeIsEnabled)"
+    line = single_error_line(result.stderr)
+    reason = "HF_HUB_OFFLINE is set" if offline == "HF_HUB_OFFLINE=1" else "http://127.0.0.1:9 unreachable"
+    assert line.startswith(
+        f"error: {config}: model.name_or_path 'gpt2' (a hub model) and data.source 'Anthropic/hh-rlhf' (a hub dataset) "
+        f"are not in the local cache and the hub is not available ({reason}"
     )
+    assert "set data.source to a local .jsonl file or `synthetic`, and model.name_or_path to a local model directory" in line
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert not list(tmp_path.glob("beta0.3*"))  # nothing was written
+
+
+def test_a_hub_model_that_is_cached_loads_offline_and_an_uncached_one_names_its_set_flag(tmp_path, capsys, monkeypatch):
+    from dpo_recipe import hub
+    from dpo_recipe.config import ConfigError, load_config
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    config = load_config(SMOKE_CONFIG, ["model.tiny=null", "model.name_or_path=some-org/some-model"])
+    monkeypatch.setattr(hub, "is_cached", lambda name, kind: False)
+    with pytest.raises(ConfigError, match=r"^--set model.name_or_path=some-org/some-model: model.name_or_path 'some-org/some-model' \(a hub model\) is not in the local cache"):
+        hub.check_hub_access(config)
+    monkeypatch.setattr(hub, "is_cached", lambda name, kind: True)
+    monkeypatch.setattr(hub, "_go_offline", lambda: os.environ.__setitem__("HF_HUB_OFFLINE", "1"))  # a dict monkeypatch restores
+    hub.check_hub_access(config)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert "note: http://127.0.0.1:9 unreachable" in capsys.readouterr().out
+
+
+def test_a_local_model_path_that_does_not_exist_says_no_such_directory(tmp_path, capsys):
+    missing = tmp_path / "models" / "smollm2"
+    path = write_config(tmp_path, f"model:\n  tiny: null\n  tokenizer: null\n")
+    code, line = call_main(capsys, "train", "--config", str(path), "--set", f"model.name_or_path={missing}")
+    assert code == 2
+    assert line == f"error: --set model.name_or_path={missing}: model.name_or_path: no such directory: {missing}"
+    code, line = call_main(capsys, "rank", "--checkpoint", str(missing), "--prompt", "p", "--response-a", "a", "--response-b", "b")
+    assert code == 2 and line == f"error: {missing}: not a model directory (no config.json or adapter_config.json)"
 
 
 def test_models_load_as_safetensors_and_remote_code_stays_off_unless_asked(monkeypatch, tokenizer):
@@ -301,7 +369,7 @@ def test_models_load_as_safetensors_and_remote_code_stays_off_unless_asked(monke
         config = ModelConfig(name_or_path="some/model", trust_remote_code=trust)
         with pytest.raises(models.ConfigError, match=r"^model.name_or_path: cannot load 'some/model' \(some/model is not"):
             models.build_model(config, tokenizer, seed=0, max_length=64)
-        with pytest.raises(models.ConfigError, match=r"^model.tokenizer: cannot load tokenizer 'some/model'"):
+        with pytest.raises(models.ConfigError, match=r"^model.name_or_path: cannot load tokenizer 'some/model'"):
             models.load_tokenizer(config)
     model_calls = [c for c in calls if "use_safetensors" in c]
     assert [c["trust_remote_code"] for c in model_calls] == [False, True]

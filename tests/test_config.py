@@ -80,3 +80,22 @@ def test_device_default_settings_stay_null_unless_the_attention_decides():
     flash = load_config(REPO / "configs" / "beta0.3.yaml", ["model.attn_implementation=flash_attention_2"])
     assert flash.training.prompt_sharing is False
     assert load_config(REPO / "configs" / "beta0.3.yaml", ["training.length_buckets=4"]).training.length_buckets == 4
+
+
+def test_describe_model_says_hub_id_local_directory_or_built_from_config(tmp_path):
+    from dpo_recipe.config import ModelConfig
+    from dpo_recipe.models import describe_model
+
+    assert describe_model(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M")) == "HuggingFaceTB/SmolLM2-135M"
+    assert describe_model(ModelConfig(name_or_path=str(tmp_path))) == f"local model {tmp_path.resolve()}"
+    assert describe_model(ModelConfig(tiny={"n_layer": 2, "n_embd": 32})) == "GPT-2 from config, random init (n_layer=2, n_embd=32)"
+
+
+def test_a_tiny_model_keeps_no_hub_name_and_a_named_tokenizer_stays_the_tokenizer(tmp_path):
+    smoke = load_config(REPO / "configs" / "smoke.yaml")  # base.yaml says gpt2, smoke.yaml builds a tiny model
+    assert smoke.model.name_or_path is None and smoke.model.tokenizer == "local-bpe"
+    (tmp_path / "run.yaml").write_text("model: {name_or_path: gpt2, tiny: {n_layer: 1}}\n")
+    tiny = load_config(tmp_path / "run.yaml")  # the name chose only the tokenizer
+    assert tiny.model.name_or_path is None and tiny.model.tokenizer == "gpt2"
+    with pytest.raises(ConfigError, match="^--set model.name_or_path=null: model.name_or_path must name a hub model"):
+        load_config(REPO / "configs" / "beta0.3.yaml", ["model.name_or_path=null"])

@@ -152,3 +152,28 @@ def test_local_file_splits_are_deterministic_disjoint_and_reported(tmp_path, tok
     written = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert written["dropped"][str(path)]["malformed_json"] == 1
     assert isinstance(data, PreparedData)
+
+
+def test_a_local_tokenizer_is_trained_once_and_shared_by_every_process(tmp_path):
+    """The BPE trainer breaks ties in per-process hash order, so each process must read the one trained first."""
+    import subprocess
+    import sys
+
+    from dpo_recipe.config import ModelConfig
+    from dpo_recipe.models import load_tokenizer
+    from dpo_recipe.synthetic import synthetic_rows
+
+    texts = [row["chosen"] + row["rejected"] for row in synthetic_rows("train", 60)]
+    config = ModelConfig(tokenizer="local-bpe", tokenizer_vocab_size=300)
+    script = (
+        "import json, sys; from dpo_recipe.config import ModelConfig; from dpo_recipe.models import load_tokenizer; "
+        "texts = json.load(open(sys.argv[1])); "
+        "load_tokenizer(ModelConfig(tokenizer='local-bpe', tokenizer_vocab_size=300), texts, cache_dir=sys.argv[2])"
+    )
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "texts.json"), str(tmp_path / "cache")], check=True)
+    [trained] = (tmp_path / "cache" / "tokenizers").iterdir()
+    here = load_tokenizer(config, texts, cache_dir=str(tmp_path / "cache"))
+    assert [path.name for path in (tmp_path / "cache" / "tokenizers").iterdir()] == [trained.name]  # read, not retrained
+    assert here.get_vocab() == json.loads((trained / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(here) == 300

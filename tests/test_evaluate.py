@@ -33,6 +33,8 @@ from dpo_recipe.packing import PairCollator
 from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.trainer import run_training
 
+from conftest import write_jsonl
+
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 NUM_TEST_PAIRS = 24  # half the smoke default: every evaluation below is a forward pass over them
 METRIC_KEYS = {
@@ -239,6 +241,19 @@ def test_rank_prefers_chosen_after_training_and_ties_before(trained_run):
         assert flipped["reward_a"] == pytest.approx(original["reward_b"], abs=1e-4)
 
 
+def test_identical_responses_are_an_exact_tie(trained_run):
+    # B is scored later in the packed row than A, where float sums round differently (measured: up to ~5e-7 apart).
+    prompts = ["How do I bake a loaf of bread?", "How do I fix a flat bicycle tire?", "\n\nHuman: Hi\n\nAssistant:"]
+    responses = ["Sure, happy to help. Mix flour, water, salt and yeast.", "Why would I tell you? Go away.", "Of course."]
+    triples = [{"prompt": p, "response_a": r, "response_b": r} for p in prompts for r in responses]
+    results = rank_responses(trained_run / "best", triples)
+    assert all(r["reward_a"] == r["reward_b"] and r["prefers"] == "tie" for r in results)
+    assert len({r["reward_a"] for r in results}) > 1  # real rewards, not zeros
+    # A response equal to B only after the leading space the dialogue format adds is the same tokens: a tie too.
+    (spaced,) = rank_responses(trained_run / "best", [{"prompt": prompts[0], "response_a": "Of course.", "response_b": " Of course."}])
+    assert spaced["prefers"] == "tie"
+
+
 def test_rank_cli_reads_pairs_files_and_single_pairs(trained_run, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(t) + "\n" for t in _test_triples(trained_run)[:3]))
@@ -285,6 +300,17 @@ def test_generate_writes_policy_and_reference_side_by_side_reproducibly(trained_
     assert "| reference |" in header
     rows = [line for line in first.splitlines() if line.startswith("| ") and not line.startswith("| policy")]
     assert len(rows) == 2 and all(row.count(" | ") == 2 for row in rows)
+
+
+def test_generate_takes_your_own_prompts(trained_run, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "How do I fix a flat tyre?"}, {"prompt": "Tell me a joke."}])
+    out = write_generations(trained_run / "best", SamplingSettings(max_new_tokens=8), tmp_path / "own.md", prompts_file=prompts)
+    text = out.read_text()
+    assert "2 prompts from" in text and "Human: How do I fix a flat tyre?" in text and "## Prompt 2 (line 2)" in text
+    assert "dataset's chosen response" not in text  # no dataset answer to show beside your own prompts
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"question": "no prompt key"}])
+    assert main(["generate", "--checkpoint", str(trained_run / "best"), "--prompts", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {bad}:2: 'prompt' must be non-empty text or a list of messages"
 
 
 def test_lora_checkpoint_is_base_plus_adapter(trained_run, tmp_path):

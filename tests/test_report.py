@@ -64,7 +64,16 @@ def test_smoke_sweep_writes_a_report_with_table_and_plots(smoke_config, tmp_path
         height, width, _ = matplotlib.image.imread(out.parent / image).shape
         assert width >= 600 and height >= 400
     assert "## How to read this report" in text
-    assert "GPT-2 built locally" in text and "synthetic" in text
+    assert "GPT-2 from config, random init (n_layer=2, n_embd=64, n_head=2)" in text and "synthetic" in text
+
+    # A second report in the same folder writes its own figures, named after it, and leaves the first one's alone.
+    figures = {image: (out.parent / image).read_bytes() for image in ("sweep_val_loss.png", "sweep_val_margin.png", "sweep_test.png")}
+    mine = out.parent / "mine.md"
+    assert main(["report", str(runs[0]), "--out", str(mine)]) == 0
+    for image in ("mine_val_loss.png", "mine_val_margin.png", "mine_test.png"):
+        assert f"]({image})" in mine.read_text() and (out.parent / image).is_file()
+    assert {image: (out.parent / image).read_bytes() for image in figures} == figures
+    assert "](sweep_" not in mine.read_text()
 
 
 def test_a_one_epoch_run_plots_its_training_curve_per_logged_step(tmp_path, monkeypatch):

@@ -163,9 +163,8 @@ def gated_run(workspace):
         output_dir = workspace / name
         output_dir.mkdir()
         overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=gate_loss:hold_after_epoch_1")
-        # The test's loss module, before whatever PYTHONPATH this test runs under (a worktree's src/, say).
-        python_path = os.pathsep.join(filter(None, [str(workspace / "modules"), os.environ.get("PYTHONPATH")]))
-        env = dict(os.environ, PYTHONPATH=python_path, GATE_RUN_DIR=str(output_dir / "smoke"))
+        env = dict(os.environ, GATE_RUN_DIR=str(output_dir / "smoke"))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workspace / "modules"), os.environ.get("PYTHONPATH")]))
         with open(output_dir / "stdout.txt", "w") as stdout, open(output_dir / "stderr.txt", "w") as stderr:
             process = subprocess.Popen(
                 [sys.executable, "-m", "dpo_recipe", "train", "--config", str(SMOKE_CONFIG),

@@ -16,10 +16,10 @@ from transformers import GPT2LMHeadModel
 from dpo_recipe.cli import main
 from dpo_recipe.data import DataReport, load_text_splits
 from dpo_recipe.evaluate import RunScorer
-
+from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.trainer import epoch_dirs, prepare_run, read_metrics, run_training
 
-from conftest import REPO
+from conftest import REPO, write_jsonl
 
 METRIC_KEYS = {"loss", "chosen_reward", "rejected_reward", "margin", "accuracy"}
 
@@ -43,6 +43,8 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
     # 192 train pairs at an effective batch of 16: 12 optimizer steps per epoch
     assert [r["step"] for r in records] == [12, 24, 36]
     assert records[-1]["val"]["accuracy"] > 0.6  # the preference was learned
+    card = (run_dir / "README.md").read_text()
+    assert "a fine-tuned version of GPT-2 from config, random init (n_layer=2" in card and "None" not in card
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["wall_seconds"] > 0 and info["sessions"][0]["device"].startswith("CPU")
     assert info["sessions"][0]["precision"] == "fp32" and info["sessions"][0]["processes"] == 1
@@ -58,7 +60,7 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
     assert (run_dir / "best").resolve() == (run_dir / f"epoch-{best['epoch']}").resolve()
 
 
-def test_lora_trains_only_the_adapter_and_uses_the_base_as_reference(smoke_config):
+def test_lora_trains_only_the_adapter_and_uses_the_base_as_reference(smoke_config, capsys):
     config = smoke_config("model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0", "training.num_epochs=2")
     run = prepare_run(config)
     assert is_peft_model(run.trainer.model)
@@ -77,14 +79,49 @@ def test_lora_trains_only_the_adapter_and_uses_the_base_as_reference(smoke_confi
     assert lora_b and all(value.abs().max() > 0 for value in lora_b)  # lora_B starts at zero: it was trained
 
     # Merging folds the adapter in: a plain model whose outputs equal base + adapter.
-    assert main(["merge", "--checkpoint", str(final), "--out", str(config.run_dir / "merged")]) == 0
-    merged = GPT2LMHeadModel.from_pretrained(config.run_dir / "merged").eval()
+    merged_dir = config.run_dir.parent / "merged"  # outside the run: no config.yaml beside it
+    assert main(["merge", "--checkpoint", str(final), "--out", str(merged_dir)]) == 0
+    merged = GPT2LMHeadModel.from_pretrained(merged_dir).eval()
     peft_model = run.trainer.model.eval()
     input_ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
     with torch.no_grad():
         expected = peft_model(input_ids=input_ids).logits
         assert torch.allclose(merged(input_ids=input_ids).logits, expected, atol=1e-5)
         assert not torch.allclose(GPT2LMHeadModel.from_pretrained(config.run_dir / "reference")(input_ids=input_ids).logits, expected, atol=1e-5)
+    _merged_model_scores_like_its_adapter(config, final, merged_dir, capsys)
+
+
+def _merged_model_scores_like_its_adapter(config, adapter_checkpoint, merged_dir, capsys):
+    """eval, rank and generate take a model directory outside any run, given what its run would have recorded."""
+    pairs = write_jsonl(config.run_dir.parent / "pairs.jsonl", synthetic_rows("test", 8, seed=3))
+    reference = str(config.run_dir / "reference")
+    capsys.readouterr()
+    assert main(["eval", str(merged_dir), "--data", str(pairs)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {merged_dir}: no run config.yaml beside this model directory, so give --reference (the model it was "
+        "trained from: a local directory or hub id; for a merged LoRA run, checkpoints/<run>/reference or its base "
+        "model) and --beta (default 0.1)"
+    )
+    assert main(["eval", str(merged_dir), "--reference", reference, "--beta", "0.3"]) == 2
+    assert "give --data FILE" in capsys.readouterr().err
+
+    assert main(["eval", str(merged_dir), "--data", str(pairs), "--reference", reference, "--beta", "0.3"]) == 0
+    assert main(["eval", str(adapter_checkpoint), "--data", str(pairs)]) == 0
+    merged_result = json.loads((merged_dir / "eval_pairs.json").read_text())
+    adapter_result = json.loads((adapter_checkpoint / "eval_pairs.json").read_text())
+    assert merged_result["pairs"] == adapter_result["pairs"] == 8 and merged_result["beta"] == 0.3
+    for metric in ("loss", "chosen_reward", "rejected_reward", "logps_chosen", "logps_rejected"):
+        assert merged_result[metric] == pytest.approx(adapter_result[metric], abs=1e-4)
+    assert merged_result["ties"] < 1.0  # scored against the reference, not against itself
+
+    capsys.readouterr()
+    assert main(["rank", "--checkpoint", str(merged_dir), "--reference", reference, "--beta", "0.3", "--prompt",
+                 "How do I bake a loaf of bread?", "--response-a", "Of course.", "--response-b", "Go away."]) == 0  # fmt: skip
+    assert "reward A" in capsys.readouterr().out
+    out = merged_dir.parent / "samples.md"
+    assert main(["generate", "--checkpoint", str(merged_dir), "--reference", reference, "--data", str(pairs),
+                 "--num-prompts", "2", "--max-new-tokens", "8", "--out", str(out)]) == 0  # fmt: skip
+    assert out.read_text().count("## Prompt ") == 2
 
 
 def test_two_process_launch_keeps_the_effective_batch(tmp_path):
@@ -213,3 +250,45 @@ def test_early_stopping_ends_the_run_once_validation_stops_improving(smoke_confi
     assert run_training(config, resume=True) == 0
     assert [r["epoch"] for r in read_metrics(config.run_dir)] == [1, 2, 3, 4]
     assert json.loads((config.run_dir / "best.json").read_text())["epoch"] == 1
+
+
+def test_a_second_run_needs_resume_or_overwrite_and_overwrite_starts_clean(tmp_path, capsys):
+    args = ["train", "--config", str(REPO / "configs" / "smoke.yaml"), "--set", f"training.output_dir={tmp_path}",
+            "--set", f"training.reference_cache_dir={tmp_path / 'cache'}", "--set", "data.num_pairs=40",
+            "--set", "data.num_test_pairs=8", "--set", "training.num_epochs=1"]  # fmt: skip
+    run_dir = tmp_path / "smoke"
+    assert main(args) == 0
+    first_model = (run_dir / "epoch-1" / "model.safetensors").read_bytes()
+    (run_dir / "epoch-1" / "eval_old.json").write_text("{}")  # anything the earlier run left
+    capsys.readouterr()
+
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {REPO / 'configs' / 'smoke.yaml'}: {run_dir} already holds checkpoints: add --resume to continue that "
+        "run, or --overwrite to start over"
+    )
+    assert (run_dir / "epoch-1" / "eval_old.json").exists()  # refused: nothing touched
+
+    assert main([*args, "--overwrite"]) == 0
+    assert f"overwrite: removing {run_dir}" in capsys.readouterr().out
+    assert not (run_dir / "epoch-1" / "eval_old.json").exists()
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1]  # one run's record, not two
+    assert (run_dir / "epoch-1" / "model.safetensors").read_bytes() == first_model  # same seed, same result
+    # The config key does the same as the flag.
+    assert main([*args, "--set", "training.overwrite=true"]) == 0
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
+
+
+def test_the_saved_config_names_the_model_that_was_trained(smoke_config):
+    from dpo_recipe.config import load_config
+    from dpo_recipe.models import describe_model
+
+    config = smoke_config("data.num_pairs=40", "data.num_test_pairs=8", "training.num_epochs=1")
+    assert run_training(config) == 0
+    saved = config.run_dir / "config.yaml"
+    first_line = saved.read_text().splitlines()[0]
+    assert first_line == "# model: GPT-2 from config, random init (n_layer=2, n_embd=64, n_head=2)"
+    reloaded = load_config(saved)  # still the loadable config that resume and eval read
+    assert reloaded.model.name_or_path is None and reloaded.model.tokenizer == "local-bpe"
+    assert reloaded.model.tiny == {"n_layer": 2, "n_embd": 64, "n_head": 2}
+    assert describe_model(reloaded.model) == first_line.removeprefix("# model: ")

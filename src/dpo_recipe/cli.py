@@ -28,13 +28,17 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _command_train(args) -> int:
     from .config import load_config
+    from .hub import check_hub_access
 
     config = load_config(args.config, args.overrides)
     if args.strict:
         config.data.strict = True
+    if args.overwrite:
+        config.training.overwrite = True
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    check_hub_access(config)  # before any model or data is loaded
     from .trainer import run_training  # imported after the config is known good: torch and trl take seconds
 
     return run_training(config, resume=args.resume, verbose=args.verbose)
@@ -50,7 +54,7 @@ def _command_print_config(args) -> int:
 def _command_eval(args) -> int:
     from .evaluate import eval_table, evaluate_paths
 
-    results = evaluate_paths(args.paths, args.all_epochs, args.data, args.batch_size)
+    results = evaluate_paths(args.paths, args.all_epochs, args.data, args.batch_size, reference=args.reference, beta=args.beta)
     print(eval_table(results))
     print("\n".join(f"wrote {r['path']}" for r in results))
     return 0
@@ -66,7 +70,7 @@ def _command_rank(args) -> int:
         triples = [{"prompt": args.prompt, "response_a": args.response_a, "response_b": args.response_b}]
     else:
         raise ConfigError("rank: give --pairs FILE, or all of --prompt, --response-a and --response-b")
-    print(rank_table(rank_responses(args.checkpoint, triples)))
+    print(rank_table(rank_responses(args.checkpoint, triples, reference=args.reference, beta=args.beta)))
     return 0
 
 
@@ -74,7 +78,7 @@ def _command_generate(args) -> int:
     from .evaluate import SamplingSettings, write_generations
 
     settings = SamplingSettings(args.num_prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    print(f"wrote {write_generations(args.checkpoint, settings, args.out)}")
+    print(f"wrote {write_generations(args.checkpoint, settings, args.out, args.reference, args.data, args.prompts)}")
     return 0
 
 
@@ -92,13 +96,28 @@ def _command_report(args) -> int:
     return 0
 
 
+def _outside_a_run_arguments(parser: argparse.ArgumentParser, beta: bool = True) -> None:
+    """What a run's config.yaml records, for a model directory that belongs to no run (a `merge` output, any HF model)."""
+    parser.add_argument(
+        "--reference", metavar="PATH_OR_HUB_ID",
+        help="model directory outside a run: the model it was trained from, scored as the reference",
+    )
+    if beta:
+        parser.add_argument("--beta", type=float, help="model directory outside a run: β of the implicit reward (default 0.1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-recipe", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one config (launch under `accelerate launch` to scale out)")
     _config_arguments(train)
-    train.add_argument("--resume", action="store_true", help="continue from the latest complete epoch checkpoint")
+    restart = train.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true", help="continue from the latest complete epoch checkpoint")
+    restart.add_argument(
+        "--overwrite", action="store_true",
+        help="start over: remove the run directory (checkpoints, metrics, best link) first (training.overwrite)",
+    )
     train.add_argument("--strict", action="store_true", help="any bad data row is an error naming file:line")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.add_argument(
@@ -111,14 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_command_print_config)
 
     evaluate = commands.add_parser("eval", help="evaluate checkpoints on the run's test pairs (or --data); writes eval_*.json")
-    evaluate.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a checkpoint, a run directory, or a directory of runs")
+    evaluate.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="a checkpoint, a run directory, a directory of runs, or any model directory"
+    )
     evaluate.add_argument("--all-epochs", action="store_true", help="every epoch of each run (default: its best epoch)")
     evaluate.add_argument("--data", help="evaluate on this preference dataset (hh-rlhf JSONL or hub id) instead")
     evaluate.add_argument("--batch-size", type=int, help="pairs per batch (default: the run's training.eval_batch_size)")
+    _outside_a_run_arguments(evaluate)
     evaluate.set_defaults(handler=_command_eval)
 
     rank = commands.add_parser("rank", help="which of two responses a checkpoint prefers, by implicit reward")
-    rank.add_argument("--checkpoint", required=True, type=Path, help="e.g. checkpoints/beta0.3/best")
+    rank.add_argument("--checkpoint", required=True, type=Path, help="e.g. checkpoints/beta0.3/best, or any model directory")
+    _outside_a_run_arguments(rank)
     rank.add_argument("--pairs", type=Path, help="JSONL of {prompt, response_a, response_b}")
     rank.add_argument("--prompt", help='the user turn, or a whole "\\n\\nHuman: ...\\n\\nAssistant:" dialogue')
     rank.add_argument("--response-a")
@@ -126,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     rank.set_defaults(handler=_command_rank)
 
     generate = commands.add_parser("generate", help="policy and reference samples for test prompts, side by side (markdown)")
-    generate.add_argument("--checkpoint", required=True, type=Path, help="e.g. checkpoints/beta0.3/best")
+    generate.add_argument("--checkpoint", required=True, type=Path, help="e.g. checkpoints/beta0.3/best, or any model directory")
+    _outside_a_run_arguments(generate, beta=False)
+    generate.add_argument("--data", help="take the prompts from this preference dataset (default: the run's test pairs)")
+    generate.add_argument("--prompts", type=Path, help='your own prompts: JSONL of {"prompt": text or messages}, all used')
     generate.add_argument("--num-prompts", type=int, default=4)
     generate.add_argument("--max-new-tokens", type=int, default=48)
     generate.add_argument("--temperature", type=float, default=0.7)
@@ -145,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, type=Path, help="directory for the merged model and tokenizer")
     merge.set_defaults(handler=_command_merge)
     return parser
+
+
+def _name_the_source(message: str, config_file: str, overrides: list[str]) -> str:
+    """Checks made after loading (e.g. the model's context) name only the key: add the --set flag or file it came from."""
+    if message.startswith(("--set ", config_file, str(Path(config_file).resolve()))):
+        return message
+    for override in reversed(overrides):  # the last --set of a key is the one that counts
+        key = override.split("=", 1)[0].strip()
+        if message.startswith((f"{key} ", f"{key}:")):
+            return f"--set {override.strip()}: {message}"
+    return f"{config_file}: {message}"
 
 
 def quiet_third_party_output() -> None:
@@ -172,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ConfigError, DataError) as error:
         message = str(error)
-        if isinstance(error, ConfigError) and config_file and not message.startswith((config_file, str(Path(config_file).resolve()))):
-            message = f"{config_file}: {message}"  # checks made after loading (e.g. the model's context) name the file here
+        if isinstance(error, ConfigError) and config_file:
+            message = _name_the_source(message, config_file, args.overrides)
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -33,8 +33,10 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # A hub id or a local model directory; ignored when `tiny` is set.
-    name_or_path: str = "gpt2"
+    # A hub id or a local model directory. With `tiny` there is no such model: loading makes this null (a name
+    # given anyway moves to `tokenizer`, the only thing it chose), so a run's config.yaml never names a model it
+    # did not train.
+    name_or_path: str | None = "gpt2"
     # A hub id or directory; null means the model's own. `local-bpe` trains a byte-level BPE on the training text.
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 512
@@ -118,6 +120,8 @@ class TrainingConfig:
     early_stopping_patience: int | None = None
     logging_steps: int = 10
     dataloader_num_workers: int = 0
+    # Start over when the run directory already holds checkpoints: the directory is removed first (or --overwrite).
+    overwrite: bool = False
 
 
 @dataclass
@@ -152,20 +156,54 @@ class RecipeConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # Where the config came from, for error messages; not a YAML key.
+    # Where the config came from, for error messages; not YAML keys.
     source_file: str = field(default="<defaults>", repr=False, compare=False)
+    # Dotted key -> the `--set key=value` text that set it (or set a mapping above it).
+    overrides: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.training.output_dir) / self.run_name
 
+    def origin(self, key: str) -> str:
+        """Where a dotted key's value came from: the `--set` flag that set it, else the config file."""
+        return _origin(self.overrides, key, self.source_file)
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("source_file")
+        data.pop("overrides")
         return data
 
     def to_yaml(self) -> str:
-        return redact_secrets(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        # A comment, so the file stays a plain loadable config (a run's config.yaml is what resume and eval load).
+        header = f"# model: {describe_model(self.model)}\n"
+        return redact_secrets(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _origin(overrides: dict[str, str], key: str, file: str) -> str:
+    parts = key.split("[")[0].split(".")
+    for end in range(len(parts), 0, -1):
+        flag = overrides.get(".".join(parts[:end]))
+        if flag is not None:
+            return flag
+    return file
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A directory rather than a hub id (`name` or `org/name`): it exists, or it is written as a path."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def describe_model(model: ModelConfig) -> str:
+    """What a run trains, in words: a hub id, a local directory, or a GPT-2 built from its config."""
+    if model.tiny is not None:
+        shape = ", ".join(f"{key}={value}" for key, value in model.tiny.items())
+        return f"GPT-2 from config, random init ({shape})"
+    name = model.name_or_path or "<none>"
+    if looks_like_local_path(name):
+        return f"local model {Path(name).expanduser().resolve()}"
+    return name
 
 
 DATA_FORMATS = (
@@ -240,23 +278,27 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
-def _coerce(value: Any, annotation: Any, file: str, key: str) -> Any:
-    """Convert a YAML value to the dataclass field's type, or raise naming the file, key and what is allowed."""
+def _coerce(value: Any, annotation: Any, where: dict[str, str], key: str) -> Any:
+    """Convert a YAML value to the dataclass field's type, or raise naming its source, the key and what is allowed.
+
+    `where` maps dotted keys set by `--set` to that flag; every other key names the file (`where[""]`).
+    """
+    file = _origin(where, key, where[""])
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
         (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _coerce(value, inner, file, key)
+        return _coerce(value, inner, where, key)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{file}: {key} must be a mapping of {annotation.__name__} keys, got {value!r}")
-        return _build(annotation, value, file, key)
+        return _build(annotation, value, where, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{file}: {key} must be a list, got {value!r}")
         (item_type,) = typing.get_args(annotation)
-        return [_coerce(item, item_type, file, f"{key}[{i}]") for i, item in enumerate(value)]
+        return [_coerce(item, item_type, where, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{file}: {key} must be a mapping, got {value!r}")
@@ -274,20 +316,19 @@ def _coerce(value: Any, annotation: Any, file: str, key: str) -> Any:
     raise ConfigError(f"{file}: {key} must be {names[annotation]}, got {value!r}")
 
 
-def _build(cls: type, values: dict[str, Any], file: str, prefix: str = "") -> Any:
+def _build(cls: type, values: dict[str, Any], where: dict[str, str], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    fields = sorted(f.name for f in dataclasses.fields(cls) if f.name != "source_file")
+    fields = sorted(f.name for f in dataclasses.fields(cls) if f.name not in ("source_file", "overrides"))
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise ConfigError(f"{file}: unknown key '{dotted}' (allowed here: {', '.join(fields)})")
-        kwargs[key] = _coerce(value, hints[key], file, dotted)
+            raise ConfigError(f"{_origin(where, dotted, where[''])}: unknown key '{dotted}' (allowed here: {', '.join(fields)})")
+        kwargs[key] = _coerce(value, hints[key], where, dotted)
     return cls(**kwargs)
 
 
 def _validate(config: RecipeConfig) -> None:
-    source = config.source_file
     checks = [
         ("loss.beta", config.loss.beta > 0, "must be > 0"),
         ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 0.5, "must be in [0, 0.5)"),
@@ -325,23 +366,26 @@ def _validate(config: RecipeConfig) -> None:
     for key, ok, rule in checks:
         if not ok:
             value = _get(config, key.split("."))
-            raise ConfigError(f"{source}: {key} {rule} (got {value!r})")
+            raise ConfigError(f"{config.origin(key)}: {key} {rule} (got {value!r})")
     for key, allowed in CHOICES.items():
         value = _get(config, key.split("."))
         if value not in allowed:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(allowed)} (got {value!r})")
+            raise ConfigError(f"{config.origin(key)}: {key} must be one of {', '.join(allowed)} (got {value!r})")
     if config.training.prompt_sharing and config.model.attn_implementation not in SHARED_PROMPT_ATTENTION:
         raise ConfigError(
-            f"{source}: model.attn_implementation {config.model.attn_implementation!r} cannot read the shared-prompt "
-            f"mask: use one of {', '.join(SHARED_PROMPT_ATTENTION)}, or set training.prompt_sharing: false"
+            f"{config.origin('model.attn_implementation')}: model.attn_implementation {config.model.attn_implementation!r} "
+            f"cannot read the shared-prompt mask: use one of {', '.join(SHARED_PROMPT_ATTENTION)}, or set training.prompt_sharing: false"
         )
     for target in config.logging.report_to:
         if target not in REPORT_TARGETS:
-            raise ConfigError(f"{source}: logging.report_to must list some of {', '.join(REPORT_TARGETS)} (got {target!r})")
+            raise ConfigError(f"{config.origin('logging.report_to')}: logging.report_to must list some of {', '.join(REPORT_TARGETS)} (got {target!r})")
     if config.model.lora is not None and config.model.lora.r < 1:
-        raise ConfigError(f"{source}: model.lora.r must be >= 1 (got {config.model.lora.r})")
-    if not config.run_name or "/" in config.run_name:
-        raise ConfigError(f"{source}: run_name must be a non-empty name without '/' (got {config.run_name!r})")
+        raise ConfigError(f"{config.origin('model.lora.r')}: model.lora.r must be >= 1 (got {config.model.lora.r})")
+    if config.model.tiny is None and not config.model.name_or_path:
+        raise ConfigError(f"{config.origin('model.name_or_path')}: model.name_or_path must name a hub model or a local directory (or set model.tiny)")
+    # `..` or `.` would make the run directory the output directory's parent or itself, which --overwrite removes.
+    if not config.run_name or "/" in config.run_name or config.run_name in (".", ".."):
+        raise ConfigError(f"{config.origin('run_name')}: run_name must be a non-empty name without '/' (got {config.run_name!r})")
 
 
 def _get(obj: Any, keys: list[str]) -> Any:
@@ -354,6 +398,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Load a YAML run file (with its `base` chain), apply `key=value` overrides, and validate."""
     path = Path(path)
     data = _load_with_bases(path)
+    where = {"": str(path)}
     for override in overrides or []:
         keys, value = _parse_override(override)
         target = data
@@ -362,8 +407,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
                 target[key] = {}
             target = target[key]
         target[keys[-1]] = value
-    config = _build(RecipeConfig, data, str(path))
+        where[".".join(keys)] = f"--set {override.strip()}"
+    config = _build(RecipeConfig, data, where)
     config.source_file = str(path)
+    config.overrides = {key: flag for key, flag in where.items() if key}
+    if config.model.tiny is not None and config.model.name_or_path is not None:
+        config.model.tokenizer = config.model.tokenizer or config.model.name_or_path
+        config.model.name_or_path = None
     if config.training.prompt_sharing is None and config.model.attn_implementation not in SHARED_PROMPT_ATTENTION:
         config.training.prompt_sharing = False  # "auto" on any device: this attention cannot read the shared mask
     _validate(config)

@@ -8,11 +8,14 @@
 
 Everything is read back from what training left in the run directory: the resolved `config.yaml`, the tokenizer
 saved with each checkpoint, `data_indices.json`, and (for locally built models) the initial model in `reference/`.
+A model directory outside any run (a `merge` output, any Hugging Face model) has none of that, so the caller names
+its reference model (`--reference`), β (`--beta`) and, to evaluate or sample, its pairs (`--data`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import re
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import ConfigError, RecipeConfig, load_config
+from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig, load_config
 from .data import (
     ASSISTANT_MARKER,
     CHAT_FORMATS,
@@ -38,6 +41,7 @@ from .data import (
     read_pairs,
     tokenize_pairs,
 )
+from .hub import check_hub_access
 from .loss import resolve_loss
 from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
 from .packing import dataset_pair_logps, forward_batch_size, make_collator, response_token_counts
@@ -177,6 +181,43 @@ def checkpoint_epoch(checkpoint: Path) -> int | None:
     return int(suffix) if checkpoint.name.startswith(EPOCH_PREFIX) and suffix.isdigit() else None
 
 
+def model_context(model_dir: Path) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def scoring_config(checkpoint: Path, reference: str | None = None, beta: float | None = None) -> tuple[RecipeConfig, Path]:
+    """The config and directory that score a checkpoint: its run's, or for a model directory outside any run one made
+    from `reference` (the model it was trained from) and `beta`, with the recipe's defaults for everything else."""
+    run_dir = checkpoint.resolve().parent
+    if is_run_dir(run_dir):
+        if reference is not None or beta is not None:
+            raise ConfigError(
+                f"{checkpoint}: --reference and --beta are for model directories outside a run; this checkpoint's run "
+                f"({run_dir}) records both in its {RUN_CONFIG_FILE}"
+            )
+        return load_run_config(run_dir), run_dir
+    if reference is None:
+        raise ConfigError(
+            f"{checkpoint}: no run {RUN_CONFIG_FILE} beside this model directory, so give --reference (the model it was "
+            f"trained from: a local directory or hub id; for a merged LoRA run, checkpoints/<run>/reference or its base "
+            f"model) and --beta (default {LossConfig.beta})"
+        )
+    if beta is not None and not beta > 0:
+        raise ConfigError(f"--beta must be > 0 (got {beta})")
+    context = model_context(checkpoint)
+    config = RecipeConfig(
+        run_name=checkpoint.resolve().name,
+        model=ModelConfig(name_or_path=reference),
+        data=DataConfig(max_length=min(DataConfig.max_length, context or DataConfig.max_length)),
+        loss=LossConfig(beta=LossConfig.beta if beta is None else beta),
+    )
+    config.source_file = f"{checkpoint} (with --reference {reference})"
+    return config, checkpoint.resolve()
+
+
 def load_reference_model(config: RecipeConfig, run_dir: Path, tokenizer) -> torch.nn.Module:
     """The run's starting model: the saved initial model of a locally built run, else the configured base model."""
     source = str(reference_dir(run_dir)) if config.model.tiny is not None else config.model.name_or_path
@@ -225,12 +266,16 @@ def _autocast(precision: str, device: torch.device) -> Callable[[], contextlib.A
 
 
 class RunScorer:
-    """What scoring pairs under one run needs: its config, tokenizer, batching, device, precision and loss."""
+    """What scoring pairs under one run needs: its config, tokenizer, batching, device, precision and loss.
 
-    def __init__(self, run_dir: Path, tokenizer_source: Path, batch_size: int | None = None):
+    `config` stands in for the run's config.yaml when the model directory belongs to no run (see `scoring_config`).
+    """
+
+    def __init__(self, run_dir: Path, tokenizer_source: Path, batch_size: int | None = None, config: RecipeConfig | None = None):
         self.run_dir = Path(run_dir)
-        self.config = load_run_config(self.run_dir)
-        self.config_file = str(self.run_dir / RUN_CONFIG_FILE)
+        self.config = config or load_run_config(self.run_dir)
+        self.config_file = self.config.source_file if config else str(self.run_dir / RUN_CONFIG_FILE)
+        check_hub_access(self.config, data=False)
         try:
             self.precision = resolve_precision(self.config.training.precision, self.config_file)
         except ConfigError:  # e.g. a bf16 run looked at on a CPU: fp32 scores the same weights, only more exactly
@@ -248,6 +293,9 @@ class RunScorer:
 
     def test_pairs(self, report: DataReport) -> list[PreferencePair]:
         """The run's test pairs, rebuilt from its data config and seed and checked against what training recorded."""
+        if not is_run_dir(self.run_dir):
+            raise ConfigError(f"{self.run_dir}: a model directory outside any run has no test pairs; give --data FILE")
+        check_hub_access(self.config, models=False)
         splits = load_text_splits(self.config.data, self.config.training.seed, report, self.config_file)
         indices_file = self.run_dir / DATA_INDICES_FILE
         if indices_file.is_file():
@@ -259,6 +307,15 @@ class RunScorer:
                     f"recorded ({len(rebuilt)} vs {len(recorded)} pairs; did the data change?)"
                 )
         return splits.test
+
+    def read_pairs(self, source: str, report: DataReport) -> list[PreferencePair]:
+        """Every usable pair of a dataset named on the command line (a hub dataset's test split); drops are printed."""
+        data = dataclasses.replace(self.config.data, source=source, test_source=None)
+        check_hub_access(dataclasses.replace(self.config, data=data), models=False)
+        pairs = read_pairs(source, data.test_split, data, report)
+        for line in report.summary_lines():
+            print(line, flush=True)
+        return pairs
 
     @property
     def data_format(self) -> str:
@@ -319,18 +376,22 @@ def dataset_name(source: str) -> str:
 class RunEvaluator:
     """Evaluates checkpoints of one run on one dataset; tokenized pairs and reference log-probs are made once."""
 
-    def __init__(self, run_dir: Path, tokenizer_source: Path, data_source: str | None = None, batch_size: int | None = None):
-        self.scorer = RunScorer(run_dir, tokenizer_source, batch_size)
+    def __init__(
+        self,
+        run_dir: Path,
+        tokenizer_source: Path,
+        data_source: str | None = None,
+        batch_size: int | None = None,
+        config: RecipeConfig | None = None,
+    ):
+        self.scorer = RunScorer(run_dir, tokenizer_source, batch_size, config)
         self.report = DataReport()
         if data_source is None:
             self.dataset_name = TEST_DATASET
             pairs = self.scorer.test_pairs(self.report)
         else:
             self.dataset_name = dataset_name(data_source)
-            config = self.scorer.config.data
-            pairs = read_pairs(data_source, config.test_split, config, self.report)
-            for line in self.report.summary_lines():
-                print(line, flush=True)
+            pairs = self.scorer.read_pairs(data_source, self.report)
         if not pairs:
             raise DataError(f"{self.scorer.config_file}: no {self.dataset_name} pairs to evaluate (data.num_test_pairs is 0)")
         self.data_source = data_source or f"{self.scorer.config.data.source} (test split of the run)"
@@ -386,17 +447,27 @@ def evaluate_paths(
     data_source: str | None = None,
     batch_size: int | None = None,
     bootstrap_samples: int = BOOTSTRAP_SAMPLES,
+    reference: str | None = None,
+    beta: float | None = None,
 ) -> list[dict]:
-    """Evaluate every checkpoint the paths name, one run at a time so each run loads its data and reference once."""
-    by_run: dict[Path, list[Path]] = {}
+    """Evaluate every checkpoint the paths name, one run at a time so each run loads its data and reference once.
+
+    A model directory outside any run is scored against `reference` at `beta`, on `data_source`.
+    """
+    by_run: dict[Path, tuple[RecipeConfig, list[Path]]] = {}
     for path in paths:
         for checkpoint in find_checkpoints(path, all_epochs):
-            by_run.setdefault(checkpoint.parent, [])
-            if checkpoint not in by_run[checkpoint.parent]:
-                by_run[checkpoint.parent].append(checkpoint)
+            run_dir = checkpoint.parent if is_run_dir(checkpoint.parent) else checkpoint
+            if run_dir not in by_run:
+                config, _ = scoring_config(checkpoint, reference, beta)
+                if run_dir == checkpoint and data_source is None:
+                    raise ConfigError(f"{path}: a model directory outside any run has no test pairs; give --data FILE")
+                by_run[run_dir] = (config, [])
+            if checkpoint not in by_run[run_dir][1]:
+                by_run[run_dir][1].append(checkpoint)
     results = []
-    for run_dir, checkpoints in by_run.items():
-        evaluator = RunEvaluator(run_dir, checkpoints[0], data_source, batch_size)
+    for run_dir, (config, checkpoints) in by_run.items():
+        evaluator = RunEvaluator(run_dir, checkpoints[0], data_source, batch_size, config)
         for checkpoint in checkpoints:
             results.append(evaluator.evaluate(checkpoint, bootstrap_samples))
     return results
@@ -471,6 +542,27 @@ def as_dialogue(prompt: str, response: str) -> tuple[str, str]:
     return prompt, response
 
 
+def read_prompts(path: str | Path) -> list[str | list[dict[str, str]]]:
+    """{"prompt": text or messages} objects, one per line; any bad line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line).get("prompt")
+        except (json.JSONDecodeError, AttributeError):
+            raise DataError(f"{path}:{number}: expected a JSON object with key 'prompt'") from None
+        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+            raise DataError(f"{path}:{number}: 'prompt' must be non-empty text or a list of messages")
+        prompts.append(prompt)
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
 def read_rank_triples(path: str | Path) -> list[dict[str, Any]]:
     """{prompt, response_a, response_b} objects, one per line; any bad line is an error naming it.
 
@@ -507,18 +599,34 @@ def read_rank_triples(path: str | Path) -> list[dict[str, Any]]:
     return triples
 
 
-def rank_responses(checkpoint: str | Path, triples: list[dict[str, str]], batch_size: int | None = None) -> list[dict]:
-    """Each response's implicit reward under the checkpoint, and which one it prefers ("a", "b" or "tie")."""
-    checkpoint = Path(checkpoint).resolve()
+def _scorer_for(checkpoint: Path, reference: str | None, beta: float | None, batch_size: int | None = None) -> RunScorer:
     if not is_checkpoint(checkpoint):
-        raise ConfigError(f"{checkpoint}: not a checkpoint directory (no config.json or {ADAPTER_CONFIG_FILE})")
-    scorer = RunScorer(checkpoint.parent, checkpoint, batch_size)
+        raise ConfigError(f"{checkpoint}: not a model directory (no config.json or {ADAPTER_CONFIG_FILE})")
+    config, run_dir = scoring_config(checkpoint, reference, beta)
+    return RunScorer(run_dir, checkpoint, batch_size, config)
+
+
+def rank_responses(
+    checkpoint: str | Path,
+    triples: list[dict[str, str]],
+    batch_size: int | None = None,
+    reference: str | None = None,
+    beta: float | None = None,
+) -> list[dict]:
+    """Each response's implicit reward under the checkpoint, and which one it prefers ("a", "b" or "tie")."""
+    given = Path(checkpoint)
+    scorer = _scorer_for(given, reference, beta, batch_size)
+    checkpoint = given.resolve()
     # Response A is scored as "chosen" and B as "rejected": exactly the two branches of a training pair.
     pairs = [rank_pair(i, triple, scorer.data_format) for i, triple in enumerate(triples)]
     report = DataReport()
     dataset = scorer.tokenize(pairs, "rank", report)
     policy_a, policy_b = scorer.logps(scorer.policy_model(checkpoint), dataset)
     reference_a, reference_b = scorer.logps(scorer.reference_model(), dataset)
+    # Two identical responses have equal log-probs in exact arithmetic, but B sits later in the packed row (and in
+    # another row without prompt sharing), where float sums round differently (~1e-7): score such a pair once.
+    same = torch.tensor([a == b for a, b in zip(dataset["chosen_ids"], dataset["rejected_ids"])], dtype=torch.bool)
+    policy_b, reference_b = torch.where(same, policy_a, policy_b), torch.where(same, reference_a, reference_b)
     _, rewards_a, rewards_b = scorer.loss(policy_a, policy_b, reference_a, reference_b, dataset)
     truncated = [kind for kind, count in report.truncated["rank"].items() if count]
     results = []
@@ -587,19 +695,32 @@ def _cell(text: str) -> str:
     return escaped.replace("\n", "<br>") or "*(empty)*"
 
 
-def write_generations(checkpoint: str | Path, settings: SamplingSettings | None = None, out: Path | None = None) -> Path:
-    """Sample from the policy and the reference for the first test prompts; write them side by side in markdown."""
+def write_generations(
+    checkpoint: str | Path,
+    settings: SamplingSettings | None = None,
+    out: Path | None = None,
+    reference: str | None = None,
+    data_source: str | None = None,
+    prompts_file: str | Path | None = None,
+) -> Path:
+    """Sample from the policy and the reference for the first test prompts (or those of `data_source`, or every prompt
+    of `prompts_file`); write them side by side in markdown."""
     settings = settings or SamplingSettings()
-    checkpoint = Path(checkpoint).resolve()
-    if not is_checkpoint(checkpoint):
-        raise ConfigError(f"{checkpoint}: not a checkpoint directory (no config.json or {ADAPTER_CONFIG_FILE})")
-    scorer = RunScorer(checkpoint.parent, checkpoint)
+    given = Path(checkpoint)
+    scorer = _scorer_for(given, reference, None)
+    checkpoint = given.resolve()
     max_length = scorer.config.data.max_length
     if not 0 < settings.max_new_tokens < max_length:
         raise ConfigError(f"--max-new-tokens must be in [1, data.max_length={max_length}) (got {settings.max_new_tokens})")
     if settings.num_prompts < 1 or settings.temperature <= 0 or not 0 < settings.top_p <= 1:
         raise ConfigError(f"generate: need --num-prompts >= 1, --temperature > 0 and --top-p in (0, 1] (got {settings})")
-    pairs = scorer.test_pairs(DataReport())[: settings.num_prompts]
+    report = DataReport()
+    if prompts_file is not None:  # prompts only: no dataset response to show beside the samples
+        prompts = read_prompts(prompts_file)
+        pairs = [rank_pair(i, {"prompt": p, "response_a": "", "response_b": ""}, scorer.data_format) for i, p in enumerate(prompts)]
+    else:
+        pairs = (scorer.read_pairs(data_source, report) if data_source else scorer.test_pairs(report))[: settings.num_prompts]
+    source = f"prompts from {prompts_file}" if prompts_file else f"prompts from {data_source}" if data_source else "test prompts"
     if not pairs:
         raise DataError(f"{scorer.config_file}: the run has no test pairs to take prompts from")
     models = {
@@ -609,7 +730,7 @@ def write_generations(checkpoint: str | Path, settings: SamplingSettings | None 
     lines = [
         f"# Samples: {scorer.run_dir.name} / {checkpoint.name} vs. the reference",
         "",
-        f"{len(pairs)} test prompts; sampling with temperature {settings.temperature}, top-p {settings.top_p}, "
+        f"{len(pairs)} {source}; sampling with temperature {settings.temperature}, top-p {settings.top_p}, "
         f"at most {settings.max_new_tokens} new tokens, seed {settings.seed} (the same per prompt for both models). "
         f"Each answer is cut where the model starts a new '\\n\\nHuman:' turn. Long prompts keep their last "
         f"{max_length - settings.max_new_tokens} tokens.",
@@ -621,16 +742,20 @@ def write_generations(checkpoint: str | Path, settings: SamplingSettings | None 
         seed = settings.seed + number
         with torch.no_grad(), scorer.autocast():
             samples = {name: _sample(model, scorer.tokenizer, prompt_ids, settings, seed) for name, model in models.items()}
+        columns, cells = list(models), [_cell(text) for text in samples.values()]
+        if prompts_file is None:
+            columns, cells = columns + ["dataset's chosen response"], cells + [_cell(pair.texts()[1].strip())]
+        where = "line" if prompts_file else "row" if data_source else "test pair"
         lines += [
-            f"## Prompt {number} (test pair {pair.index})",
+            f"## Prompt {number} ({where} {pair.index + 1 if prompts_file else pair.index})",
             "",
             "```text",
             pair.texts()[0].strip() if isinstance(pair.prompt, str) else _transcript(pair.prompt),
             "```",
             "",
-            "| " + " | ".join(models) + " | dataset's chosen response |",
-            "|" + "---|" * (len(models) + 1),
-            "| " + " | ".join(_cell(text) for text in samples.values()) + f" | {_cell(pair.texts()[1].strip())} |",
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+            "| " + " | ".join(cells) + " |",
             "",
         ]
     out = out or scorer.run_dir / f"generations_{checkpoint.name}.md"

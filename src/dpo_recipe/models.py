@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, looks_like_local_path
 
 LOCAL_BPE = "local-bpe"
 EOS_TOKEN = "<|endoftext|>"
@@ -32,20 +35,57 @@ def train_local_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokeni
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
-def load_tokenizer(config: ModelConfig, training_texts: list[str] | None = None, source: str | None = None):
-    """The run's tokenizer. `source` (a checkpoint directory) wins over the config."""
+def cached_local_tokenizer(texts: list[str], vocab_size: int, cache_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """`train_local_tokenizer`, trained once per (texts, vocabulary size) and then read back from `cache_dir`.
+
+    The BPE trainer breaks ties between equally frequent merges in hash-map order, which differs from process to
+    process (huggingface/tokenizers#1794): two processes training on the same text can get different tokenizers. So
+    the ranks of one run, and runs of one config, must share a single trained tokenizer, not each train their own.
+    """
+    digest = hashlib.sha256(f"{vocab_size}".encode())
+    for text in texts:
+        digest.update(len(text).to_bytes(8, "little") + text.encode())
+    path = Path(cache_dir) / "tokenizers" / digest.hexdigest()[:24]
+    if not path.is_dir():
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        train_local_tokenizer(texts, vocab_size).save_pretrained(temporary)
+        with contextlib.suppress(OSError):  # another process got there first: theirs is the one everybody reads
+            os.rename(temporary, path)
+        shutil.rmtree(temporary, ignore_errors=True)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def load_tokenizer(
+    config: ModelConfig, training_texts: list[str] | None = None, source: str | None = None, cache_dir: str | None = None
+):
+    """The run's tokenizer. `source` (a checkpoint directory) wins over the config. A `local-bpe` tokenizer is
+    trained on `training_texts`, once per `cache_dir` (see `cached_local_tokenizer`)."""
     if source is None and config.tokenizer == LOCAL_BPE:
         if not training_texts:
             raise ValueError("model.tokenizer: local-bpe needs training text")
-        return train_local_tokenizer(training_texts, config.tokenizer_vocab_size)
+        if cache_dir is None:
+            return train_local_tokenizer(training_texts, config.tokenizer_vocab_size)
+        return cached_local_tokenizer(training_texts, config.tokenizer_vocab_size, cache_dir)
     name = source or config.tokenizer or config.name_or_path
+    key = "checkpoint" if source else "model.tokenizer" if config.tokenizer else "model.name_or_path"
+    name = _existing_directory(name, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"model.tokenizer: cannot load tokenizer {name!r} ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{key}: cannot load tokenizer {name!r} ({str(error).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _existing_directory(name: str, key: str) -> str:
+    """A name written as a path must be a directory; otherwise the hub library reports it as a malformed repo id."""
+    if looks_like_local_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"{key}: no such directory: {name}" + (" (it is a file)" if path.exists() else ""))
+        return str(path)
+    return name
 
 
 def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, source: str | None = None):
@@ -67,7 +107,7 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
         model = GPT2LMHeadModel(gpt2)
         model.config._attn_implementation = config.attn_implementation
     else:
-        name = source or config.name_or_path
+        name = _existing_directory(source or config.name_or_path, "checkpoint" if source else "model.name_or_path")
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 name,

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel, is_peft_model
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -461,32 +461,35 @@ def dataset_pair_logps(
     batch_size: int,
     device: torch.device | str,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected log-probs for every pair of a tokenized dataset, in dataset order.
 
-    Pairs are visited longest first, so each batch holds pairs of similar length and pads little.
+    Pairs are visited longest first, so each batch holds pairs of similar length and pads little. With several
+    processes, process `process_index` scores every `num_processes`-th batch and returns nan for the pairs of the
+    others; every process runs the same number of forwards (a sharded model all-gathers its weights in each), the
+    last ones repeating a batch whose result is dropped. The batches are those of one process, so the log-probs
+    equal a one-process pass.
     """
     lengths = dataset["length"]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    mine = batches[process_index::num_processes]
+    forwards = -(-len(batches) // num_processes)
     columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-    # A DataLoader draws a seed from the global RNG when iterated, even unshuffled. Its own generator keeps that draw
-    # off the global RNG, so a run trains the same whether its reference log-probs were computed or read from cache.
-    loader = DataLoader(
-        [columns[i] for i in order], batch_size=batch_size, shuffle=False, collate_fn=collator,
-        generator=torch.Generator(),
-    )
     was_training = model.training
     model.eval()
-    chosen_parts, rejected_parts = [], []
-    for batch in loader:
+    chosen_out = torch.full((len(order),), float("nan"), dtype=torch.float64)
+    rejected_out = torch.full((len(order),), float("nan"), dtype=torch.float64)
+    for step in range(forwards):
+        indices = mine[step] if step < len(mine) else batches[0]
+        batch = collator([columns[i] for i in indices])
         batch = {key: value.to(device) for key, value in batch.items()}
         with autocast():
             chosen, rejected = pair_logps(model, batch)
-        chosen_parts.append(chosen.cpu())  # already float64 (see `pair_logps`)
-        rejected_parts.append(rejected.cpu())
+        if step < len(mine):
+            index = torch.tensor(indices)
+            chosen_out[index], rejected_out[index] = chosen.cpu(), rejected.cpu()  # already float64 (see `pair_logps`)
     model.train(was_training)
-    chosen_sorted, rejected_sorted = torch.cat(chosen_parts), torch.cat(rejected_parts)
-    chosen_out, rejected_out = torch.empty_like(chosen_sorted), torch.empty_like(rejected_sorted)
-    index = torch.tensor(order)
-    chosen_out[index], rejected_out[index] = chosen_sorted, rejected_sorted
     return chosen_out, rejected_out

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: runs write PNGs, nobody opens a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .config import ConfigError, RecipeConfig  # noqa: E402
+from .config import ConfigError, RecipeConfig, describe_model  # noqa: E402
 from .evaluate import TEST_DATASET, eval_file_name, find_runs, load_run_config, markdown_table  # noqa: E402
 from .trainer import BEST_FILE, read_metrics  # noqa: E402
 
@@ -80,11 +80,17 @@ def plot_run(run_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------------
 # Sweep report: several runs side by side, from their metrics.jsonl, best.json and eval JSON.
 
+# Each report's figures are named after it (reports/mine.md -> reports/mine_val_loss.png), so reports that share a
+# folder never overwrite each other's.
 SWEEP_PLOTS = {
-    "val_loss": ("sweep_val_loss.png", "loss", "Validation DPO loss per epoch", "val loss"),
-    "val_margin": ("sweep_val_margin.png", "margin", "Validation reward margin per epoch", "val margin  (chosen − rejected reward)"),
+    "val_loss": ("loss", "Validation DPO loss per epoch", "val loss"),
+    "val_margin": ("margin", "Validation reward margin per epoch", "val margin  (chosen − rejected reward)"),
 }
-SWEEP_TEST_PLOT = "sweep_test.png"
+SWEEP_TEST_PLOT = "test"
+
+
+def figure_path(report: Path, name: str) -> Path:
+    return report.with_name(f"{report.stem}_{name}.png")
 
 
 @dataclass
@@ -138,11 +144,7 @@ def summarize_run(run_dir: Path, dataset: str = TEST_DATASET) -> RunSummary:
 
 def _model_description(config: RecipeConfig) -> str:
     model = config.model
-    if model.tiny is not None:
-        shape = ", ".join(f"{key}={value}" for key, value in model.tiny.items())
-        text = f"GPT-2 built locally, random init ({shape})"
-    else:
-        text = model.name_or_path
+    text = describe_model(model)
     if model.tokenizer:
         text += f"; tokenizer {model.tokenizer}" + (f" ({model.tokenizer_vocab_size} tokens)" if model.tokenizer == "local-bpe" else "")
     if model.lora is not None:
@@ -212,11 +214,11 @@ def _run_colors(runs: list[RunSummary]) -> dict[str, Any]:
     return {run.name: palette(i % 10) for i, run in enumerate(runs)}
 
 
-def plot_sweep_curves(runs: list[RunSummary], out_dir: Path) -> list[Path]:
+def plot_sweep_curves(runs: list[RunSummary], report: Path) -> list[Path]:
     """One PNG per validation metric, one line per run; a star marks each run's best epoch."""
     colors = _run_colors(runs)
     written = []
-    for metric_key, (filename, metric, title, ylabel) in SWEEP_PLOTS.items():
+    for metric_key, (metric, title, ylabel) in SWEEP_PLOTS.items():
         figure, axes = plt.subplots(figsize=(7.5, 4.5))
         all_values = []
         for run in runs:
@@ -239,14 +241,14 @@ def plot_sweep_curves(runs: list[RunSummary], out_dir: Path) -> list[Path]:
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
         figure.tight_layout()
-        path = out_dir / filename
+        path = figure_path(report, metric_key)
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
     return written
 
 
-def plot_sweep_test(runs: list[RunSummary], out_dir: Path) -> Path | None:
+def plot_sweep_test(runs: list[RunSummary], report: Path) -> Path | None:
     """Test accuracy and reward margin at each run's best epoch, with their 95% bootstrap intervals."""
     evaluated = [run for run in runs if run.test is not None]
     if not evaluated:
@@ -272,7 +274,7 @@ def plot_sweep_test(runs: list[RunSummary], out_dir: Path) -> Path | None:
     panels[0].axhline(0.5, color="grey", linestyle=":", linewidth=1, zorder=0)  # a coin flip
     figure.suptitle("Best checkpoint of each run on its test pairs (error bars: 95% bootstrap CI)", fontsize="medium")
     figure.tight_layout()
-    path = out_dir / SWEEP_TEST_PLOT
+    path = figure_path(report, SWEEP_TEST_PLOT)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -311,8 +313,8 @@ def write_sweep_report(paths: list[str | Path], out: str | Path = "reports/sweep
     if not runs:
         raise ConfigError(f"no run with finished epochs among: {', '.join(map(str, paths))}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    figures = plot_sweep_curves(runs, out.parent)
-    test_figure = plot_sweep_test(runs, out.parent)
+    figures = plot_sweep_curves(runs, out)
+    test_figure = plot_sweep_test(runs, out)
     missing = [run.name for run in runs if run.test is None]
     lines = [
         "# DPO sweep report",
@@ -328,7 +330,7 @@ def write_sweep_report(paths: list[str | Path], out: str | Path = "reports/sweep
     if missing:
         lines += [f"Not evaluated yet: {', '.join(missing)} (run `python scripts/eval.py <run dir>`).", ""]
     lines += ["## Curves", ""]
-    for path, (_, _, title, _) in zip(figures, SWEEP_PLOTS.values()):
+    for path, (_, title, _) in zip(figures, SWEEP_PLOTS.values()):
         lines += [f"![{title}]({path.name})", ""]
     if test_figure is not None:
         lines += [f"![Test metrics at each run's best epoch]({test_figure.name})", ""]

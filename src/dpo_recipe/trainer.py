@@ -4,13 +4,16 @@ What the subclass changes, and why:
 - data arrives tokenized and truncated by `dpo_recipe.data` (TRL's keep_start truncation drops whole pairs);
 - batches use `packing.PairCollator`: the prompt is computed once per pair, and length grouping limits padding;
 - reference log-probs are computed once and cached on disk (`reference`), so no epoch or sweep run redoes them;
-- the loss is the configured pure function from `dpo_recipe.loss`.
+- the loss is the configured pure function from `dpo_recipe.loss`;
+- an FSDP launch shards on CPU too (accelerate engages FSDP on GPUs only), and FSDP epoch checkpoints also hold the
+  whole model, so every command loads them as ordinary HF model directories.
 Everything else (optimizer, schedule, mixed precision, DDP/FSDP/DeepSpeed, saving, resuming) is TRL/Trainer's own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -23,14 +26,22 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import is_peft_model
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    broadcast_object_list,
+    gather_object,
+    is_peft_model,
+    parse_flag_from_env,
+)
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import DPOConfig, DPOTrainer
+from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
-from .config import ConfigError, RecipeConfig
+from .config import ConfigError, RecipeConfig, describe_model
 from .data import DataReport, load_text_splits, prepare_data
 from .loss import resolve_loss
 from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
@@ -149,16 +160,44 @@ class WideLengthGroupedSampler(LengthGroupedSampler):
 
 
 class RecipeDPOTrainer(DPOTrainer):
-    def __init__(self, *args, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, **kwargs):
+    def __init__(
+        self, *args, model, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, ref_model=None,
+        model_description: str | None = None, **kwargs,
+    ):
         self.loss_fn = loss_fn
+        self.model_description = model_description
         self.reference_cache_dir = reference_cache_dir
         self.reference_cache_hits: dict[str, bool] = {}
         self.totals = totals or RunningTotals()
-        # Hashed before TRL wraps or shards the model: sharded (DTensor) parameters cannot be read back whole.
-        self._reference_key = model_fingerprint(kwargs["model"] if "model" in kwargs else args[0])
-        super().__init__(*args, **kwargs)
+        # Hashed here, before anything is sharded (DTensors cannot be read), by the main process, whose weights are
+        # the ones every rank trains from.
+        self._reference_key = _main_process_value(lambda: model_fingerprint(ref_model or model))
+        # Under FSDP the reference pass needs a sharded copy of the starting model; without one TRL reloads the model
+        # from `_name_or_path`, which a locally built model lacks. The copy is freed once the log-probs are computed.
+        copied = ref_model is None and fsdp_requested() and kwargs.get("peft_config") is None
+        super().__init__(*args, model=model, ref_model=copy.deepcopy(model) if copied else ref_model, **kwargs)
+        if copied:
+            self.ref_model = None
         # Before accelerate prepares the model, so its mixed-precision autocast surrounds the scoring forward too.
         install_scoring_head(self.model)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp_requested():
+            _fsdp_over_gloo(self.accelerator)
+            self.is_fsdp_enabled = True
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero() or self.model_description is None:
+            return
+        # TRL's card links a hub base model and a hub repo; a local or locally built model has neither, and the card
+        # would say "a fine-tuned version of [None]" and load model "None".
+        card = Path(self.args.output_dir) / "README.md"
+        text = card.read_text().replace(
+            "a fine-tuned version of [None](https://huggingface.co/None)", f"a fine-tuned version of {self.model_description}"
+        )
+        card.write_text(text.replace('model="None"', f'model="{Path(self.args.output_dir) / BEST_LINK}"'))
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # A tied LM head is saved once, as the input embedding, so its key is "missing" on every resume by design.
@@ -178,22 +217,48 @@ class RecipeDPOTrainer(DPOTrainer):
             return use_adapter(self.accelerator.unwrap_model(self.model), adapter_name=None)
         return contextlib.nullcontext()
 
+    def _reference_model(self):
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            # Before `train` DeepSpeed has not placed the policy yet: TRL's inference engine places (and under
+            # ZeRO-3 gathers) it, built once and reused.
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        return self.ref_model or self.model
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        model = self.ref_model or self.model
         precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
         path = cache_path(self.reference_cache_dir, self._reference_key, dataset, precision, self.data_collator.layout)
+        chosen, rejected, hit = self._reference_logps_on_every_rank(path, dataset, batch_size)
+        self.reference_cache_hits[name] = hit
+        return with_reference_columns(dataset, chosen, rejected)
+
+    def _reference_logps_on_every_rank(self, path: Path, dataset, batch_size: int):
+        """(chosen, rejected, hit), the same on every rank: one cache file, read or written by the main process.
+
+        The main process decides hit or miss for all. On a miss every rank scores its share of the batches with
+        the same number of forwards (FSDP and ZeRO-3 forwards are collectives every rank must join), the shares
+        are gathered, and the main process alone writes the file. Then its values go to every rank.
+        """
+        accelerator = self.accelerator
+        model = self._reference_model()
 
         def compute():
             with self._reference_context():
-                return dataset_pair_logps(
-                    model, dataset, self.data_collator, batch_size, self.accelerator.device, self.accelerator.autocast
+                chosen, rejected = dataset_pair_logps(
+                    model, dataset, self.data_collator, batch_size, accelerator.device, accelerator.autocast,
+                    accelerator.process_index, accelerator.num_processes,
                 )
+            shares = gather_object([(chosen, rejected)])
+            # Each pair was scored by exactly one rank and is nan on the others (a nan reference stays nan).
+            return tuple(torch.stack(side).nanmean(0) for side in zip(*shares))
 
-        # The main process computes and writes the cache; the others then read it.
-        with self.accelerator.main_process_first():
-            chosen, rejected, hit = cached_reference_logps(path, compute)
-        self.reference_cache_hits[name] = hit
-        return with_reference_columns(dataset, chosen, rejected)
+        hit = [path.is_file()] if accelerator.is_main_process else [None]
+        broadcast_object_list(hit, from_process=0)
+        computed = None if hit[0] else compute()
+        result = [cached_reference_logps(path, lambda: computed) if accelerator.is_main_process else None]
+        broadcast_object_list(result, from_process=0)
+        return result[0]
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -234,6 +299,18 @@ class RecipeDPOTrainer(DPOTrainer):
         self.totals.flush()
         return output
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            # With sharded state dicts Trainer writes only the shards (for resuming); the epoch model must also be an
+            # ordinary HF directory that eval, rank, generate and merge load. Every rank joins the gathering.
+            state_dict = self.accelerator.get_state_dict(self.model)
+            # Gathered one by one, tied weights no longer share storage: keep only the one a load ties the others to.
+            for tied in getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}:
+                state_dict.pop(tied, None)
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # TRL's own `log` averages per-batch means, so a short last batch weighs as much as a full one. Per-pair
         # means over the window instead: the evaluation just run, or the training steps since the last log line.
@@ -271,6 +348,55 @@ class RecipeDPOTrainer(DPOTrainer):
             return super()._get_eval_sampler(eval_dataset)
         lengths = eval_dataset["length"]
         return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (accelerate's own switch, set by an FSDP launch config)."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def _fsdp_over_gloo(accelerator) -> None:
+    """Make the launcher's FSDP request real on CPU.
+
+    accelerate 1.15 turns ACCELERATE_USE_FSDP into FSDP only on GPU-like devices; on CPU the processes would train as
+    plain DDP over gloo, unsharded. FSDP2 (`fully_shard`) runs on CPU over gloo, so the state is switched the way
+    accelerate's GPU branch switches it, with the plugin built from the launcher's FSDP_* variables.
+    """
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _main_process_value(compute):
+    """`compute()` on the main process, the same value on every process."""
+    state = PartialState()
+    value = [compute() if state.is_main_process else None]
+    broadcast_object_list(value, from_process=0)
+    return value[0]
+
+
+def parallelism(accelerator) -> str:
+    processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version} over {processes}, parameters sharded"
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage} over {processes}"
+    return f"DDP over {processes}" if accelerator.num_processes > 1 else "1 process"
+
+
+class ShardReport(TrainerCallback):
+    """Under FSDP, each rank says how much of the model it holds once training has sharded it."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        parameters = list(model.parameters()) if model is not None else []
+        if not any(isinstance(p, DTensor) for p in parameters):
+            return
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters)
+        total = sum(p.numel() for p in parameters)
+        print(f"rank {args.process_index}: holds {local} of {total} parameter values", flush=True)
 
 
 def _finite(value: float) -> bool:
@@ -339,8 +465,8 @@ def _point_best_link(run_dir: Path, target: str) -> None:
 
 
 # Files in a checkpoint that only resuming reads; kept in the newest epoch alone. Optimizer state (Adam's two moments)
-# is twice the size of the weights.
-RESUME_ONLY_PREFIXES = ("optimizer", "scaler")
+# is twice the size of the weights; FSDP's model shards repeat model.safetensors.
+RESUME_ONLY_PREFIXES = ("optimizer", "scaler", "pytorch_model_fsdp")
 TENSORBOARD_DIR = "tensorboard"
 # training.best_metric as transformers logs it, and whether larger is better.
 BEST_METRIC_LOGGED = {"loss": ("eval_loss", False), "accuracy": ("eval_rewards/accuracies", True),
@@ -631,13 +757,18 @@ def resume_command(run_dir: Path) -> str:
 def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> PreparedRun:
     """Everything up to the first step: data, tokenizer, model, reference log-probs, and the trainer."""
     # Without a GPU, processes started by `accelerate launch` join one gloo group (MULTI_CPU) instead of each
-    # training alone.
+    # training alone; under an FSDP launch config the trainer then shards over it (`_fsdp_over_gloo`).
     state = PartialState(cpu=not torch.cuda.is_available())
     precision = resolve_precision(config.training.precision, config.source_file)
     try:  # before any data or model work, so a typo in loss.type costs nothing
         loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha)
     except ValueError as error:
         raise ConfigError(f"{config.source_file}: {error}") from None
+    if config.model.lora is not None and fsdp_requested():
+        raise ConfigError(
+            f"{config.source_file}: model.lora is not supported under FSDP (an adapter's model fits each device: "
+            "launch with multi_gpu.yaml)"
+        )
     run_dir = config.run_dir
     resume_from = None
     if resume:
@@ -645,14 +776,22 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         if resume_from is None:
             raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
         print(f"resuming {run_dir} from {resume_from.name} (step {_checkpoint_step(resume_from)})", flush=True)
+    elif config.training.overwrite:  # every process takes this branch, so the barrier below is always matched
+        if state.is_main_process and run_dir.is_dir():
+            print(f"overwrite: removing {run_dir}", flush=True)
+            shutil.rmtree(run_dir)
+        state.wait_for_everyone()
     elif epoch_dirs(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue, or remove it to start over")
+        raise ConfigError(f"{run_dir} already holds checkpoints: add --resume to continue that run, or --overwrite to start over")
 
     report = DataReport()
     splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
     tokenizer_source = str(resume_from) if resume_from is not None else None
     training_texts = [text for p in splits.train for text in p.texts()]
-    tokenizer = load_tokenizer(config.model, training_texts, source=tokenizer_source)
+    with state.main_process_first():  # a local BPE is trained by the main process; the others read it
+        tokenizer = load_tokenizer(
+            config.model, training_texts, source=tokenizer_source, cache_dir=config.training.reference_cache_dir
+        )
     data = prepare_data(splits, tokenizer, config.data, report)
     model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
     if state.is_main_process:
@@ -702,10 +841,13 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         eval_dataset=data.val,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[EpochRecorder(run_dir, totals, config.training.best_metric, config.training.keep_epochs), guard],
+        callbacks=[
+            EpochRecorder(run_dir, totals, config.training.best_metric, config.training.keep_epochs), guard, ShardReport()
+        ],
         loss_fn=loss_fn,
         reference_cache_dir=config.training.reference_cache_dir,
         totals=totals,
+        model_description=describe_model(config.model),
     )
     if config.training.eval_steps:
         trainer.add_callback(StepEvaluation(config.training.eval_steps))
@@ -724,7 +866,8 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         micro, accumulation = batch_plan(config, state.num_processes)
         print(
             f"batch: {state.num_processes} process(es) x micro-batch {micro} x accumulation {accumulation} = "
-            f"effective batch {config.training.effective_batch_size}; precision {precision}",
+            f"effective batch {config.training.effective_batch_size}; precision {precision}; "
+            f"{parallelism(trainer.accelerator)}",
             flush=True,
         )
         print(batching_line(trainer), flush=True)
