@@ -84,7 +84,7 @@ def test_device_default_settings_stay_null_unless_the_attention_decides():
 
 def test_describe_model_says_hub_id_local_directory_or_built_from_config(tmp_path):
     from dpo_recipe.config import ModelConfig
-    from dpo_recipe.models import describe_model
+    from dpo_recipe.config import describe_model
 
     assert describe_model(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M")) == "HuggingFaceTB/SmolLM2-135M"
     assert describe_model(ModelConfig(name_or_path=str(tmp_path))) == f"local model {tmp_path.resolve()}"
