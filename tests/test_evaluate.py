@@ -28,8 +28,9 @@ from dpo_recipe.evaluate import (
     read_rank_triples,
     write_generations,
 )
-from dpo_recipe.models import build_model, model_fingerprint, reference_dir
+from dpo_recipe.models import build_model, model_fingerprint
 from dpo_recipe.packing import PairCollator
+from dpo_recipe.rundir import reference_dir
 from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.trainer import run_training
 

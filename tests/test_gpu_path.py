@@ -7,7 +7,8 @@ import torch
 from transformers import TrainerCallback
 
 import dpo_recipe.trainer as trainer_module
-from dpo_recipe.trainer import prepare_run, read_metrics
+from dpo_recipe.rundir import read_metrics
+from dpo_recipe.trainer import prepare_run
 
 SMALL_RUN = [
     "data.num_pairs=40", "data.num_test_pairs=4", "data.max_length=64",

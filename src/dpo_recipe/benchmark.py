@@ -388,7 +388,7 @@ def run_job(job: Job, settings: BenchSettings, data: BenchData) -> RunResult:
     from transformers import PrinterCallback
     from trl.trainer.utils import add_fused_lm_head
 
-    from .trainer import resolve_precision
+    from .models import resolve_precision
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -510,7 +510,7 @@ def run_benchmark(settings: BenchSettings) -> int:
     """Run every trainer, print and write the comparison. Returns 0, or 1 if the losses disagree."""
     import torch
 
-    from .trainer import resolve_precision
+    from .models import resolve_precision
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import DataConfig
+from .rundir import DATA_INDICES_FILE, DATA_REPORT_FILE
 
 if TYPE_CHECKING:  # `datasets` takes seconds to import; a bad config or data file should fail before that
     from datasets import Dataset
@@ -588,8 +589,8 @@ class PreparedData:
 
     def write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "data_report.json").write_text(json.dumps(self.report.to_dict(), indent=2))
-        (run_dir / "data_indices.json").write_text(json.dumps(self.indices))
+        (run_dir / DATA_REPORT_FILE).write_text(json.dumps(self.report.to_dict(), indent=2))
+        (run_dir / DATA_INDICES_FILE).write_text(json.dumps(self.indices))
 
 
 def prepare_data(splits: TextSplits, tokenizer, config: DataConfig, report: DataReport) -> PreparedData:

@@ -43,26 +43,32 @@ from .data import (
 )
 from .hub import check_hub_access
 from .loss import resolve_loss
-from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
+from .models import build_model, load_tokenizer, model_fingerprint, resolve_precision
 from .packing import dataset_pair_logps, forward_batch_size, make_collator, response_token_counts
 from .reference import cache_path, cached_reference_logps
-from .trainer import BEST_FILE, BEST_LINK, EPOCH_PREFIX, epoch_dirs, resolve_precision
+from .rundir import (
+    ADAPTER_CONFIG_FILE,
+    BEST_FILE,
+    DATA_INDICES_FILE,
+    RUN_CONFIG_FILE,
+    TEST_DATASET,
+    checkpoint_epoch,
+    epoch_dirs,
+    eval_file_name,
+    find_checkpoints,
+    find_runs,
+    is_checkpoint,
+    is_run_dir,
+    load_run_config,
+    reference_dir,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-RUN_CONFIG_FILE = "config.yaml"
-DATA_INDICES_FILE = "data_indices.json"
-DATA_REPORT_FILE = "data_report.json"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-TEST_DATASET = "test"
 BOOTSTRAP_SAMPLES = 1000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
-
-
-def eval_file_name(dataset: str) -> str:
-    return f"eval_{dataset}.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,64 +127,6 @@ def preference_metrics(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Runs, checkpoints and the models in them.
-
-
-def is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / ADAPTER_CONFIG_FILE).is_file()
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / RUN_CONFIG_FILE).is_file()
-
-
-def load_run_config(run_dir: Path) -> RecipeConfig:
-    """The config the run was trained with (training writes it resolved, so no `base:` chain is needed)."""
-    if not is_run_dir(run_dir):
-        raise ConfigError(f"{run_dir}: not a run directory (no {RUN_CONFIG_FILE} written by training)")
-    return load_config(run_dir / RUN_CONFIG_FILE)
-
-
-def run_checkpoints(run_dir: Path, all_epochs: bool = False) -> list[Path]:
-    """Every epoch, or the best one (the `best` link the trainer keeps; the last epoch if there is none)."""
-    epochs = epoch_dirs(run_dir)
-    if not epochs:
-        raise ConfigError(f"{run_dir}: no complete epoch checkpoint to evaluate")
-    if all_epochs:
-        return epochs
-    best = run_dir / BEST_LINK
-    return [best.resolve()] if best.is_dir() else [epochs[-1]]
-
-
-def find_runs(path: Path) -> list[Path]:
-    """A run directory itself, or the runs directly under a directory such as `checkpoints/`."""
-    path = Path(path)
-    if is_run_dir(path):
-        return [path]
-    runs = sorted(child for child in path.iterdir() if is_run_dir(child)) if path.is_dir() else []
-    if not runs:
-        raise ConfigError(f"{path}: neither a run directory (with {RUN_CONFIG_FILE}) nor a directory of runs")
-    return runs
-
-
-def find_checkpoints(path: str | Path, all_epochs: bool = False) -> list[Path]:
-    """Checkpoints named by a path: a checkpoint, a run (best or every epoch) or a directory of runs."""
-    path = Path(path)
-    if is_checkpoint(path):
-        return [path.resolve()]  # `run/best` becomes `run/epoch-K`, so results land beside the real checkpoint
-    if is_run_dir(path):
-        return run_checkpoints(path, all_epochs)
-    found = []
-    for run in find_runs(path):
-        if epoch_dirs(run):
-            found.extend(run_checkpoints(run, all_epochs))
-        else:
-            print(f"skipping {run}: no complete epoch checkpoint", flush=True)
-    return found
-
-
-def checkpoint_epoch(checkpoint: Path) -> int | None:
-    suffix = checkpoint.name[len(EPOCH_PREFIX) :]
-    return int(suffix) if checkpoint.name.startswith(EPOCH_PREFIX) and suffix.isdigit() else None
 
 
 def model_context(model_dir: Path) -> int | None:

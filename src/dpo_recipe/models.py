@@ -150,6 +150,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def reference_dir(run_dir: Path) -> Path:
-    """Where a run keeps its locally built starting model, so evaluation uses exactly that reference."""
-    return run_dir / "reference"
+def resolve_precision(precision: str, source: str) -> str:
+    has_bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if has_bf16_gpu else "fp32"
+    if precision == "bf16" and not has_bf16_gpu:
+        raise ConfigError(f"{source}: training.precision bf16 needs a GPU that supports it (use auto or fp32)")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(f"{source}: training.precision fp16 needs a GPU (use auto or fp32)")
+    return precision

@@ -44,7 +44,7 @@ from trl.trainer.utils import use_adapter
 from .config import ConfigError, RecipeConfig, describe_model
 from .data import DataReport, load_text_splits, prepare_data
 from .loss import resolve_loss
-from .models import build_model, load_tokenizer, model_fingerprint, reference_dir
+from .models import build_model, load_tokenizer, model_fingerprint, resolve_precision
 from .packing import (
     LengthBucketSampler,
     dataset_pair_logps,
@@ -56,13 +56,25 @@ from .packing import (
     pair_logps,
     row_lengths,
 )
+from .curves import plot_run
 from .reference import cache_path, cached_reference_logps, with_reference_columns
-
-EPOCH_PREFIX = "epoch-"
-METRICS_FILE = "metrics.jsonl"
-BEST_FILE = "best.json"
-BEST_LINK = "best"
-
+from .rundir import (
+    BEST_FILE,
+    BEST_LINK,
+    EPOCH_PREFIX,
+    RUN_CONFIG_FILE,
+    RUN_INFO_FILE,
+    TENSORBOARD_DIR,
+    append_record,
+    apply_retention,
+    atomic_write,
+    epoch_dirs,
+    forget_epochs_after,
+    latest_checkpoint,
+    read_metrics,
+    reference_dir,
+    write_best,
+)
 
 class DivergenceError(RuntimeError):
     """The loss became nan or inf. Raised at the next read of the step statistics, which comes before any save."""
@@ -403,71 +415,6 @@ def _finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
 
 
-def epoch_dirs(run_dir: Path) -> list[Path]:
-    """Complete epoch checkpoints, oldest first. Incomplete saves never carry the `epoch-` name."""
-    found = []
-    for path in Path(run_dir).glob(f"{EPOCH_PREFIX}*"):
-        suffix = path.name[len(EPOCH_PREFIX) :]
-        if path.is_dir() and suffix.isdigit() and not path.is_symlink():
-            found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
-
-
-# metrics.jsonl holds one record per line: `epoch` (train and val means of a whole epoch, with its checkpoint), `step`
-# (the training means of one logging window) and `eval` (a validation pass every `training.eval_steps` steps).
-RECORD_KINDS = ("epoch", "step", "eval")
-
-
-def read_metrics(run_dir: Path, kind: str = "epoch") -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [record for record in records if record.get("kind", "epoch") == kind]
-
-
-def _append_record(run_dir: Path, record: dict) -> None:
-    with open(Path(run_dir) / METRICS_FILE, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-BEST_DIRECTION = {"loss": min, "accuracy": max, "margin": max}
-
-
-def best_epoch(records: list[dict], metric: str) -> dict | None:
-    scored = [r for r in records if r.get("val")]
-    if not scored:
-        return None
-    best = BEST_DIRECTION[metric](scored, key=lambda r: r["val"][metric])
-    return {"epoch": best["epoch"], "metric": f"val_{metric}", "value": best["val"][metric], "checkpoint": f"{EPOCH_PREFIX}{best['epoch']}"}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def _write_best(run_dir: Path, metric: str) -> None:
-    best = best_epoch(read_metrics(run_dir), metric)
-    if best is not None:
-        _atomic_write(run_dir / BEST_FILE, json.dumps(best, indent=2))
-        _point_best_link(run_dir, best["checkpoint"])
-
-
-def _point_best_link(run_dir: Path, target: str) -> None:
-    link = run_dir / BEST_LINK
-    temporary = run_dir / (BEST_LINK + ".tmp")
-    if temporary.is_symlink() or temporary.exists():
-        temporary.unlink()
-    temporary.symlink_to(target, target_is_directory=True)
-    os.replace(temporary, link)
-
-
-# Files in a checkpoint that only resuming reads; kept in the newest epoch alone. Optimizer state (Adam's two moments)
-# is twice the size of the weights; FSDP's model shards repeat model.safetensors.
-RESUME_ONLY_PREFIXES = ("optimizer", "scaler", "pytorch_model_fsdp")
-TENSORBOARD_DIR = "tensorboard"
 # training.best_metric as transformers logs it, and whether larger is better.
 BEST_METRIC_LOGGED = {"loss": ("eval_loss", False), "accuracy": ("eval_rewards/accuracies", True),
                       "margin": ("eval_rewards/margins", True)}  # fmt: skip
@@ -505,13 +452,13 @@ class EpochRecorder(TrainerCallback):
         if state.is_world_process_zero and logs and "loss" in logs and "rewards/accuracies" in logs:
             train = {stat: logs[name] for name, stat in LOGGED_MEANS.items()}
             train.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
-            _append_record(self.run_dir, {"kind": "step", "epoch": state.epoch, "step": state.global_step, "train": train})
+            append_record(self.run_dir, {"kind": "step", "epoch": state.epoch, "step": state.global_step, "train": train})
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.val_means = self.totals.means("eval")
         if not self.at_epoch_end and state.is_world_process_zero:
             record = {"kind": "eval", "epoch": state.epoch, "step": state.global_step, "val": dict(self.val_means)}
-            _append_record(self.run_dir, record)
+            append_record(self.run_dir, record)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -529,25 +476,12 @@ class EpochRecorder(TrainerCallback):
         record = {"kind": "epoch", "epoch": epoch, "step": state.global_step, "train": train, "val": dict(self.val_means)}
         # The record goes first, so a committed epoch always has one; a record whose rename never happened is
         # dropped on resume (`_forget_epochs_after`).
-        _append_record(self.run_dir, record)
+        append_record(self.run_dir, record)
         # The rename is the commit point: only a finished save ever carries the `epoch-` name.
         os.replace(saved, final)
-        _write_best(self.run_dir, self.best_metric)
-        self._apply_retention(final)
+        write_best(self.run_dir, self.best_metric)
+        apply_retention(self.run_dir, final, self.keep_epochs)
         print(_epoch_line(record), flush=True)
-
-    def _apply_retention(self, newest: Path) -> None:
-        """Resume state only in the newest epoch; with `best_and_last`, no other epoch at all."""
-        best = (self.run_dir / BEST_LINK).resolve()
-        for checkpoint in epoch_dirs(self.run_dir):
-            if checkpoint == newest:
-                continue
-            if self.keep_epochs == "best_and_last" and checkpoint.resolve() != best:
-                shutil.rmtree(checkpoint)
-                continue
-            for path in checkpoint.iterdir():
-                if path.name.startswith(RESUME_ONLY_PREFIXES):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 class StepEvaluation(TrainerCallback):
@@ -633,17 +567,6 @@ class InterruptGuard(TrainerCallback):
             control.should_evaluate = False
 
 
-def resolve_precision(precision: str, source: str) -> str:
-    has_bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if precision == "auto":
-        return "bf16" if has_bf16_gpu else "fp32"
-    if precision == "bf16" and not has_bf16_gpu:
-        raise ConfigError(f"{source}: training.precision bf16 needs a GPU that supports it (use auto or fp32)")
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(f"{source}: training.precision fp16 needs a GPU (use auto or fp32)")
-    return precision
-
-
 def batch_plan(config: RecipeConfig, world_size: int) -> tuple[int, int]:
     """(per-device micro-batch, gradient-accumulation steps) that give exactly the effective batch."""
     effective = config.training.effective_batch_size
@@ -718,23 +641,6 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
     )
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    complete = epoch_dirs(run_dir)
-    return complete[-1] if complete else None
-
-
-def _forget_epochs_after(run_dir: Path, epoch: int) -> None:
-    """A resumed run rewrites what came after its checkpoint, so stale records must not linger."""
-    kept_epochs = [r for r in read_metrics(run_dir) if r["epoch"] <= epoch]
-    last_step = kept_epochs[-1]["step"] if kept_epochs else 0
-    lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines() if (Path(run_dir) / METRICS_FILE).is_file() else []
-    records = [json.loads(line) for line in lines if line.strip()]
-    records = [r for r in records if (r in kept_epochs if r.get("kind", "epoch") == "epoch" else r["step"] <= last_step)]
-    _atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
-    for path in run_dir.glob("checkpoint-*"):  # a save that never completed
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclass
 class PreparedRun:
     trainer: RecipeDPOTrainer
@@ -751,7 +657,7 @@ def resume_command(run_dir: Path) -> str:
     launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
     entry = "scripts/train.py" if sys.argv[0].endswith("train.py") else "-m dpo_recipe train"
     # The run directory's config.yaml is the resolved config, --set overrides included.
-    return f"{launcher} {entry} --config {run_dir / 'config.yaml'}"
+    return f"{launcher} {entry} --config {run_dir / RUN_CONFIG_FILE}"
 
 
 def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> PreparedRun:
@@ -797,14 +703,14 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         data.write(run_dir)
-        _atomic_write(run_dir / "config.yaml", config.to_yaml())
+        atomic_write(run_dir / RUN_CONFIG_FILE, config.to_yaml())
         print("\n".join(report.summary_lines()), flush=True)
         if config.model.tiny is not None and not reference_dir(run_dir).exists():
             model.save_pretrained(reference_dir(run_dir))
             tokenizer.save_pretrained(reference_dir(run_dir))
         if resume_from is not None:
-            _forget_epochs_after(run_dir, int(resume_from.name[len(EPOCH_PREFIX) :]))
-            _write_best(run_dir, config.training.best_metric)
+            forget_epochs_after(run_dir, int(resume_from.name[len(EPOCH_PREFIX) :]))
+            write_best(run_dir, config.training.best_metric)
     state.wait_for_everyone()
 
     if "wandb" in config.logging.report_to:
@@ -894,7 +800,6 @@ def batching_line(trainer: RecipeDPOTrainer) -> str:
             f"positions, {padding['scored']:.1%} of scored-position slots (one epoch)")
 
 
-RUN_INFO_FILE = "run_info.json"
 
 
 def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
@@ -920,13 +825,11 @@ def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
         }
     )
     info["wall_seconds"] = round(sum(session["wall_seconds"] for session in info["sessions"]), 1)
-    _atomic_write(path, json.dumps(info, indent=2))
+    atomic_write(path, json.dumps(info, indent=2))
 
 
 def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> int:
     """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
-    from .report import plot_run
-
     started = time.perf_counter()
     run = prepare_run(config, resume, verbose)
     try:

@@ -1,0 +1,200 @@
+"""The layout of a run directory, in one place: what training writes and evaluation and reports read back.
+
+    <output_dir>/<run_name>/
+      config.yaml            the resolved config (its --set overrides included)
+      data_report.json       every row read, dropped or truncated, by reason
+      data_indices.json      which source rows went to train / val / test
+      metrics.jsonl          one record per line: `epoch`, `step` and `eval` (see RECORD_KINDS)
+      epoch-<k>/             a complete checkpoint; the name is only ever given to a finished save
+        eval_<data>.json     evaluation of that checkpoint on a dataset
+      best -> epoch-<k>      the best epoch by validation, with best.json saying by what
+      reference/             the starting model, when it was built locally (evaluation's reference)
+      run_info.json          each training session's wall time, device and software
+      tensorboard/           event files, when logging.report_to has tensorboard
+
+Training, evaluation and reporting all read and write through these names and functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .config import ConfigError, RecipeConfig, load_config
+
+EPOCH_PREFIX = "epoch-"
+METRICS_FILE = "metrics.jsonl"
+BEST_FILE = "best.json"
+BEST_LINK = "best"
+RUN_CONFIG_FILE = "config.yaml"
+DATA_INDICES_FILE = "data_indices.json"
+DATA_REPORT_FILE = "data_report.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+TEST_DATASET = "test"
+RUN_INFO_FILE = "run_info.json"
+TENSORBOARD_DIR = "tensorboard"
+REFERENCE_DIR = "reference"
+# Files in a checkpoint that only resuming reads; kept in the newest epoch alone. Optimizer state (Adam's two moments)
+# is twice the size of the weights; FSDP's model shards repeat model.safetensors.
+RESUME_ONLY_PREFIXES = ("optimizer", "scaler", "pytorch_model_fsdp")
+
+
+def eval_file_name(dataset: str) -> str:
+    return f"eval_{dataset}.json"
+
+
+def reference_dir(run_dir: Path) -> Path:
+    """Where a run keeps its locally built starting model, so evaluation uses exactly that reference."""
+    return Path(run_dir) / REFERENCE_DIR
+
+
+def epoch_dirs(run_dir: Path) -> list[Path]:
+    """Complete epoch checkpoints, oldest first. Incomplete saves never carry the `epoch-` name."""
+    found = []
+    for path in Path(run_dir).glob(f"{EPOCH_PREFIX}*"):
+        suffix = path.name[len(EPOCH_PREFIX) :]
+        if path.is_dir() and suffix.isdigit() and not path.is_symlink():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+# metrics.jsonl holds one record per line: `epoch` (train and val means of a whole epoch, with its checkpoint), `step`
+# (the training means of one logging window) and `eval` (a validation pass every `training.eval_steps` steps).
+RECORD_KINDS = ("epoch", "step", "eval")
+
+
+def read_metrics(run_dir: Path, kind: str = "epoch") -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in records if record.get("kind", "epoch") == kind]
+
+
+def append_record(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / METRICS_FILE, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+BEST_DIRECTION = {"loss": min, "accuracy": max, "margin": max}
+
+
+def best_epoch(records: list[dict], metric: str) -> dict | None:
+    scored = [r for r in records if r.get("val")]
+    if not scored:
+        return None
+    best = BEST_DIRECTION[metric](scored, key=lambda r: r["val"][metric])
+    return {"epoch": best["epoch"], "metric": f"val_{metric}", "value": best["val"][metric], "checkpoint": f"{EPOCH_PREFIX}{best['epoch']}"}
+
+
+def atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_best(run_dir: Path, metric: str) -> None:
+    best = best_epoch(read_metrics(run_dir), metric)
+    if best is not None:
+        atomic_write(run_dir / BEST_FILE, json.dumps(best, indent=2))
+        point_best_link(run_dir, best["checkpoint"])
+
+
+def point_best_link(run_dir: Path, target: str) -> None:
+    link = run_dir / BEST_LINK
+    temporary = run_dir / (BEST_LINK + ".tmp")
+    if temporary.is_symlink() or temporary.exists():
+        temporary.unlink()
+    temporary.symlink_to(target, target_is_directory=True)
+    os.replace(temporary, link)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    complete = epoch_dirs(run_dir)
+    return complete[-1] if complete else None
+
+
+def forget_epochs_after(run_dir: Path, epoch: int) -> None:
+    """A resumed run rewrites what came after its checkpoint, so stale records must not linger."""
+    kept_epochs = [r for r in read_metrics(run_dir) if r["epoch"] <= epoch]
+    last_step = kept_epochs[-1]["step"] if kept_epochs else 0
+    lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines() if (Path(run_dir) / METRICS_FILE).is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    records = [r for r in records if (r in kept_epochs if r.get("kind", "epoch") == "epoch" else r["step"] <= last_step)]
+    atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    for path in run_dir.glob("checkpoint-*"):  # a save that never completed
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def apply_retention(run_dir: Path, newest: Path, keep_epochs: str) -> None:
+    """Resume state only in the newest epoch; with `best_and_last`, no other epoch at all."""
+    best = (Path(run_dir) / BEST_LINK).resolve()
+    for checkpoint in epoch_dirs(run_dir):
+        if checkpoint == newest:
+            continue
+        if keep_epochs == "best_and_last" and checkpoint.resolve() != best:
+            shutil.rmtree(checkpoint)
+            continue
+        for path in checkpoint.iterdir():
+            if path.name.startswith(RESUME_ONLY_PREFIXES):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / ADAPTER_CONFIG_FILE).is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RUN_CONFIG_FILE).is_file()
+
+
+def load_run_config(run_dir: Path) -> RecipeConfig:
+    """The config the run was trained with (training writes it resolved, so no `base:` chain is needed)."""
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"{run_dir}: not a run directory (no {RUN_CONFIG_FILE} written by training)")
+    return load_config(run_dir / RUN_CONFIG_FILE)
+
+
+def run_checkpoints(run_dir: Path, all_epochs: bool = False) -> list[Path]:
+    """Every epoch, or the best one (the `best` link the trainer keeps; the last epoch if there is none)."""
+    epochs = epoch_dirs(run_dir)
+    if not epochs:
+        raise ConfigError(f"{run_dir}: no complete epoch checkpoint to evaluate")
+    if all_epochs:
+        return epochs
+    best = run_dir / BEST_LINK
+    return [best.resolve()] if best.is_dir() else [epochs[-1]]
+
+
+def find_runs(path: Path) -> list[Path]:
+    """A run directory itself, or the runs directly under a directory such as `checkpoints/`."""
+    path = Path(path)
+    if is_run_dir(path):
+        return [path]
+    runs = sorted(child for child in path.iterdir() if is_run_dir(child)) if path.is_dir() else []
+    if not runs:
+        raise ConfigError(f"{path}: neither a run directory (with {RUN_CONFIG_FILE}) nor a directory of runs")
+    return runs
+
+
+def find_checkpoints(path: str | Path, all_epochs: bool = False) -> list[Path]:
+    """Checkpoints named by a path: a checkpoint, a run (best or every epoch) or a directory of runs."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return [path.resolve()]  # `run/best` becomes `run/epoch-K`, so results land beside the real checkpoint
+    if is_run_dir(path):
+        return run_checkpoints(path, all_epochs)
+    found = []
+    for run in find_runs(path):
+        if epoch_dirs(run):
+            found.extend(run_checkpoints(run, all_epochs))
+        else:
+            print(f"skipping {run}: no complete epoch checkpoint", flush=True)
+    return found
+
+
+def checkpoint_epoch(checkpoint: Path) -> int | None:
+    suffix = checkpoint.name[len(EPOCH_PREFIX) :]
+    return int(suffix) if checkpoint.name.startswith(EPOCH_PREFIX) and suffix.isdigit() else None
