@@ -311,7 +311,7 @@ def test_generate_takes_your_own_prompts(trained_run, tmp_path, capsys):
     assert "dataset's chosen response" not in text  # no dataset answer to show beside your own prompts
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"question": "no prompt key"}])
     assert main(["generate", "--checkpoint", str(trained_run / "best"), "--prompts", str(bad)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {bad}:2: 'prompt' must be non-empty text or a list of messages"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {bad}:2: key 'prompt' must be a non-empty string or list of {{role, content}} messages"
 
 
 def test_lora_checkpoint_is_base_plus_adapter(trained_run, tmp_path):

@@ -19,14 +19,14 @@ import dataclasses
 import functools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig, load_config
+from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig
 from .data import (
     ASSISTANT_MARKER,
     CHAT_FORMATS,
@@ -50,13 +50,12 @@ from .rundir import (
     ADAPTER_CONFIG_FILE,
     BEST_FILE,
     DATA_INDICES_FILE,
+    DATA_REPORT_FILE,
     RUN_CONFIG_FILE,
     TEST_DATASET,
     checkpoint_epoch,
-    epoch_dirs,
     eval_file_name,
     find_checkpoints,
-    find_runs,
     is_checkpoint,
     is_run_dir,
     load_run_config,
@@ -490,22 +489,39 @@ def as_dialogue(prompt: str, response: str) -> tuple[str, str]:
     return prompt, response
 
 
-def read_prompts(path: str | Path) -> list[str | list[dict[str, str]]]:
-    """{"prompt": text or messages} objects, one per line; any bad line is an error naming it."""
+def _json_objects(path: str | Path, keys: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; anything else is an error naming the line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    prompts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            prompt = json.loads(line).get("prompt")
-        except (json.JSONDecodeError, AttributeError):
-            raise DataError(f"{path}:{number}: expected a JSON object with key 'prompt'") from None
-        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-            raise DataError(f"{path}:{number}: 'prompt' must be non-empty text or a list of messages")
-        prompts.append(prompt)
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected an object with keys {', '.join(keys)}")
+        yield number, row
+
+
+def _prompt(row: dict, where: str) -> str | list[dict[str, str]]:
+    """A row's prompt: non-empty text, or a non-empty list of {role, content} messages (for chat-format runs)."""
+    prompt = row.get("prompt")
+    try:
+        if isinstance(prompt, list) and (messages := read_messages(prompt)):
+            return messages
+    except BadRow:
+        pass
+    if isinstance(prompt, str) and prompt.strip():
+        return prompt
+    raise DataError(f"{where}: key 'prompt' must be a non-empty string or list of {{role, content}} messages")
+
+
+def read_prompts(path: str | Path) -> list[str | list[dict[str, str]]]:
+    """{"prompt": text or messages} objects, one per line; any bad line is an error naming it."""
+    prompts = [_prompt(row, f"{path}:{number}") for number, row in _json_objects(path, ("prompt",))]
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty)")
     return prompts
@@ -516,28 +532,9 @@ def read_rank_triples(path: str | Path) -> list[dict[str, Any]]:
 
     The prompt is text, or a list of {role, content} messages for a run trained on a chat format.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     triples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: expected an object with keys {', '.join(RANK_KEYS)}")
-        if isinstance(row.get("prompt"), list):
-            try:
-                row["prompt"] = read_messages(row["prompt"])
-                if not row["prompt"]:
-                    raise BadRow("empty_prompt")
-            except BadRow:
-                raise DataError(f"{path}:{number}: key 'prompt' must be a non-empty string or list of {{role, content}} messages") from None
-        elif not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise DataError(f"{path}:{number}: key 'prompt' must be a non-empty string")
+    for number, row in _json_objects(path, RANK_KEYS):
+        row["prompt"] = _prompt(row, f"{path}:{number}")
         for key in RANK_KEYS[1:]:  # a response may be empty: it is then scored as end-of-sequence alone
             if not isinstance(row.get(key), str):
                 raise DataError(f"{path}:{number}: key '{key}' must be a string")

@@ -71,7 +71,6 @@ from .rundir import (
     epoch_dirs,
     forget_epochs_after,
     latest_checkpoint,
-    read_metrics,
     reference_dir,
     write_best,
 )
