@@ -278,6 +278,9 @@ def test_a_second_run_needs_resume_or_overwrite_and_overwrite_starts_clean(tmp_p
     # The config key does the same as the flag.
     assert main([*args, "--set", "training.overwrite=true"]) == 0
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
+    # The run's saved config records what was trained, not that this launch started over: used again, it refuses.
+    assert "overwrite: false" in (run_dir / "config.yaml").read_text()
+    assert main(["train", "--config", str(run_dir / "config.yaml")]) == 2
 
 
 def test_the_saved_config_names_the_model_that_was_trained(smoke_config):

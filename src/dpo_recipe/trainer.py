@@ -702,7 +702,11 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         data.write(run_dir)
-        atomic_write(run_dir / RUN_CONFIG_FILE, config.to_yaml())
+        # Starting over is what this launch did, not a setting of the run: its saved config, which the printed resume
+        # command and `eval` read, must never wipe the run when used again.
+        saved = copy.deepcopy(config)
+        saved.training.overwrite = False
+        atomic_write(run_dir / RUN_CONFIG_FILE, saved.to_yaml())
         print("\n".join(report.summary_lines()), flush=True)
         if config.model.tiny is not None and not reference_dir(run_dir).exists():
             model.save_pretrained(reference_dir(run_dir))
