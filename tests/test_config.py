@@ -7,7 +7,7 @@ import yaml
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import ConfigError, load_config
-from dpo_recipe.trainer import batch_plan
+from dpo_recipe.run import batch_plan
 
 from conftest import REPO
 

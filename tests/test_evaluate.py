@@ -32,7 +32,7 @@ from dpo_recipe.models import build_model, model_fingerprint
 from dpo_recipe.packing import PairCollator
 from dpo_recipe.rundir import reference_dir
 from dpo_recipe.synthetic import synthetic_rows
-from dpo_recipe.trainer import run_training
+from dpo_recipe.run import run_training
 
 from conftest import write_jsonl
 

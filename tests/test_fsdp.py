@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from dpo_recipe.config import ConfigError, load_config
 from dpo_recipe.evaluate import evaluate_paths
 from dpo_recipe.rundir import epoch_dirs, read_metrics
-from dpo_recipe.trainer import prepare_run, run_training
+from dpo_recipe.run import prepare_run, run_training
 
 from conftest import REPO, SMOKE_CONFIG
 

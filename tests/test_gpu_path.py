@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import dpo_recipe.trainer as trainer_module
+import dpo_recipe.run as run_module
 from dpo_recipe.rundir import read_metrics
-from dpo_recipe.trainer import prepare_run
+from dpo_recipe.run import prepare_run
 
 SMALL_RUN = [
     "data.num_pairs=40", "data.num_test_pairs=4", "data.max_length=64",
@@ -71,8 +71,8 @@ def test_a_compiled_model_compiles_no_new_graph_after_the_first_epoch(smoke_conf
         arguments.torch_compile_backend = "aot_eager"  # read when the trainer builds its accelerator
         return arguments
 
-    dpo_arguments = trainer_module.dpo_arguments
-    monkeypatch.setattr(trainer_module, "dpo_arguments", aot_eager)
+    dpo_arguments = run_module.dpo_arguments
+    monkeypatch.setattr(run_module, "dpo_arguments", aot_eager)
     settings = [*SMALL_RUN, "training.num_epochs=3", "training.length_buckets=3"]
     torch._dynamo.reset()
     counters.clear()

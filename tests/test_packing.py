@@ -23,7 +23,7 @@ from dpo_recipe.packing import (
     plan_buckets,
 )
 from dpo_recipe.synthetic import hh_length_rows
-from dpo_recipe.trainer import prepare_run
+from dpo_recipe.run import prepare_run
 
 from conftest import REPO
 

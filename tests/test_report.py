@@ -12,7 +12,7 @@ from dpo_recipe.evaluate import evaluate_paths
 from dpo_recipe.curves import plot_run
 from dpo_recipe.report import overfitting_onset, write_sweep_report
 from dpo_recipe.rundir import read_metrics
-from dpo_recipe.trainer import run_training
+from dpo_recipe.run import run_training
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from dpo_recipe.cli import main
 from dpo_recipe.config import load_config
 from dpo_recipe.rundir import epoch_dirs, latest_checkpoint, read_metrics
-from dpo_recipe.trainer import run_training
+from dpo_recipe.run import run_training
 
 from conftest import REPO, SMOKE_CONFIG
 

@@ -18,7 +18,7 @@ from dpo_recipe.data import DataReport, load_text_splits
 from dpo_recipe.evaluate import RunScorer
 from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.rundir import epoch_dirs, read_metrics
-from dpo_recipe.trainer import prepare_run, run_training
+from dpo_recipe.run import prepare_run, run_training
 
 from conftest import REPO, write_jsonl
 

@@ -213,7 +213,8 @@ def build_bench_model(settings: BenchSettings, tokenizer):
 def _recipe_trainer(job: Job, settings: BenchSettings, model, tokenizer, train, precision: str, work: str):
     from .loss import resolve_loss
     from .packing import make_collator
-    from .trainer import RecipeDPOTrainer, dpo_arguments
+    from .run import dpo_arguments
+    from .trainer import RecipeDPOTrainer
 
     config = RecipeConfig(
         run_name="bench",
@@ -256,7 +257,7 @@ def _recipe_trainer(job: Job, settings: BenchSettings, model, tokenizer, train, 
 def _trl_trainer(job: Job, settings: BenchSettings, model, reference, tokenizer, train, precision: str, work: str):
     from trl import DPOConfig, DPOTrainer
 
-    from .trainer import CHECKPOINTING_ARGUMENT
+    from .run import CHECKPOINTING_ARGUMENT
 
     class PretokenizedDPOTrainer(DPOTrainer):
         """Plain TRL, given pairs that are already tokenized: only dataset preparation is skipped."""

@@ -39,7 +39,7 @@ def _command_train(args) -> int:
         print(config.to_yaml(), end="")
         return 0
     check_hub_access(config)  # before any model or data is loaded
-    from .trainer import run_training  # imported after the config is known good: torch and trl take seconds
+    from .run import run_training  # imported after the config is known good: torch and trl take seconds
 
     return run_training(config, resume=args.resume, verbose=args.verbose)
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; complete epoch checkpoints are kept (if one exists, add --resume to the same command)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
-        from .trainer import DivergenceError
+        from .totals import DivergenceError
 
         if isinstance(error, DivergenceError):
             print(f"error: training diverged: {error}; the last good checkpoint is intact", file=sys.stderr)

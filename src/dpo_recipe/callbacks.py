@@ -1,0 +1,186 @@
+"""Trainer callbacks that keep the run directory and the console honest: metrics.jsonl records and epoch
+checkpoints, mid-epoch validation, early stopping by epochs, one readable line per log step, and a clean stop on
+SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from transformers import EarlyStoppingCallback, TrainerCallback
+
+from .rundir import EPOCH_PREFIX, append_record, apply_retention, write_best
+from .totals import LOGGED_MEANS, RunningTotals
+
+
+class ShardReport(TrainerCallback):
+    """Under FSDP, each rank says how much of the model it holds once training has sharded it."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        parameters = list(model.parameters()) if model is not None else []
+        if not any(isinstance(p, DTensor) for p in parameters):
+            return
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters)
+        total = sum(p.numel() for p in parameters)
+        print(f"rank {args.process_index}: holds {local} of {total} parameter values", flush=True)
+
+
+
+# training.best_metric as transformers logs it, and whether larger is better.
+BEST_METRIC_LOGGED = {"loss": ("eval_loss", False), "accuracy": ("eval_rewards/accuracies", True),
+                      "margin": ("eval_rewards/margins", True)}  # fmt: skip
+
+
+class EpochRecorder(TrainerCallback):
+    """Writes metrics.jsonl and the epoch checkpoints.
+
+    At each logging step a `step` record; at each mid-epoch evaluation an `eval` record; at each epoch end the val
+    metrics, then an atomically named checkpoint, an `epoch` record, the best epoch and checkpoint retention.
+    """
+
+    def __init__(self, run_dir: Path, totals: RunningTotals, best_metric: str, keep_epochs: str = "all"):
+        self.run_dir = Path(run_dir)
+        self.totals = totals
+        self.best_metric = best_metric
+        self.keep_epochs = keep_epochs
+        self.epoch_started = 0.0
+        self.train_seconds = 0.0
+        self.at_epoch_end = False
+        self.train_means: dict[str, float] = {}
+        self.val_means: dict[str, float] = {}
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.totals.reset("train")
+        self.epoch_started = time.perf_counter()
+        self.at_epoch_end = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.train_seconds = time.perf_counter() - self.epoch_started
+        self.train_means = self.totals.means("train")
+        self.at_epoch_end = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs and "rewards/accuracies" in logs:
+            train = {stat: logs[name] for name, stat in LOGGED_MEANS.items()}
+            train.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
+            append_record(self.run_dir, {"kind": "step", "epoch": state.epoch, "step": state.global_step, "train": train})
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.val_means = self.totals.means("eval")
+        if not self.at_epoch_end and state.is_world_process_zero:
+            record = {"kind": "eval", "epoch": state.epoch, "step": state.global_step, "val": dict(self.val_means)}
+            append_record(self.run_dir, record)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        # A run cut short by training.max_steps saves its partial last epoch under the epoch it was in.
+        epoch = math.ceil(state.epoch - 1e-9)
+        saved = self.run_dir / f"checkpoint-{state.global_step}"
+        final = self.run_dir / f"{EPOCH_PREFIX}{epoch}"
+        if final.exists():
+            shutil.rmtree(final)
+        seconds = max(self.train_seconds, 1e-9)
+        train = dict(self.train_means)
+        train["tokens_per_s"] = train.get("tokens", 0) / seconds
+        train["pairs_per_s"] = train.get("pairs", 0) / seconds
+        record = {"kind": "epoch", "epoch": epoch, "step": state.global_step, "train": train, "val": dict(self.val_means)}
+        # The record goes first, so a committed epoch always has one; a record whose rename never happened is
+        # dropped on resume (`_forget_epochs_after`).
+        append_record(self.run_dir, record)
+        # The rename is the commit point: only a finished save ever carries the `epoch-` name.
+        os.replace(saved, final)
+        write_best(self.run_dir, self.best_metric)
+        apply_retention(self.run_dir, final, self.keep_epochs)
+        print(_epoch_line(record), flush=True)
+
+
+class StepEvaluation(TrainerCallback):
+    """Validation every `every` optimizer steps as well as at each epoch end (which evaluates anyway)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        at_epoch_end = state.epoch == int(state.epoch)
+        if state.global_step % self.every == 0 and not at_epoch_end:
+            control.should_evaluate = True
+
+
+class EpochEarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping, counting epochs: only epoch-end validation (which also picks `best`) counts,
+    not the passes `training.eval_steps` adds within an epoch."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pass  # the parent only warns that the best model is not reloaded at the end: the `best` link names it
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        if state.epoch == int(state.epoch):
+            super().on_evaluate(args, state, control, metrics, **kwargs)
+
+
+class LogLinePrinter(TrainerCallback):
+    """One readable line per logging step, instead of transformers' raw dicts of quoted numbers."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "rewards/accuracies" not in logs:
+            return  # evaluation lines come from the epoch summary; run totals from the final `done` line
+        print(
+            f"step {state.global_step}/{state.max_steps} (epoch {state.epoch:.2f}): loss {logs['loss']:.4f} "
+            f"acc {logs['rewards/accuracies']:.3f} margin {logs['rewards/margins']:.3f} "
+            f"lr {logs.get('learning_rate', float('nan')):.2e}",
+            flush=True,
+        )
+
+
+def _epoch_line(record: dict) -> str:
+    train, val = record["train"], record["val"]
+    return (
+        f"epoch {record['epoch']}: train loss {train['loss']:.4f} acc {train['accuracy']:.3f} "
+        f"({train['tokens_per_s']:.0f} tok/s) | val loss {val.get('loss', float('nan')):.4f} "
+        f"margin {val.get('margin', float('nan')):.3f} acc {val.get('accuracy', float('nan')):.3f}"
+    )
+
+
+class InterruptGuard(TrainerCallback):
+    """SIGINT/SIGTERM stop training at the next step boundary; a save under way finishes first, none is started."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = {}
+
+    def _request_stop(self, signum, frame):
+        if self.interrupted:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print(f"\nreceived {signal.Signals(signum).name}: stopping after this step", file=sys.stderr, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[signum] = signal.signal(signum, self._request_stop)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.interrupted:  # a partial epoch is not checkpointed: resume replays it exactly
+            control.should_save = False
+            control.should_evaluate = False

@@ -1,0 +1,343 @@
+"""One training run from a config: data, tokenizer, model and trainer set up (`prepare_run`), then trained to
+epoch checkpoints, with the session recorded and the plots drawn (`run_training`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import PrinterCallback
+from transformers.integrations import TensorBoardCallback
+from trl import DPOConfig
+
+from .callbacks import (
+    BEST_METRIC_LOGGED,
+    EpochEarlyStopping,
+    EpochRecorder,
+    InterruptGuard,
+    LogLinePrinter,
+    ShardReport,
+    StepEvaluation,
+)
+from .config import ConfigError, RecipeConfig, describe_model
+from .curves import plot_run
+from .data import DataReport, load_text_splits, prepare_data
+from .loss import resolve_loss
+from .models import build_model, load_tokenizer, resolve_precision
+from .packing import epoch_padding, forward_batch_size, make_collator, on_gpu
+from .rundir import (
+    BEST_FILE,
+    EPOCH_PREFIX,
+    RUN_CONFIG_FILE,
+    RUN_INFO_FILE,
+    TENSORBOARD_DIR,
+    atomic_write,
+    epoch_dirs,
+    forget_epochs_after,
+    latest_checkpoint,
+    reference_dir,
+    write_best,
+)
+from .totals import RunningTotals
+from .trainer import RecipeDPOTrainer, fsdp_requested, parallelism
+
+
+def batch_plan(config: RecipeConfig, world_size: int) -> tuple[int, int]:
+    """(per-device micro-batch, gradient-accumulation steps) that give exactly the effective batch."""
+    effective = config.training.effective_batch_size
+    if effective % world_size:
+        raise ConfigError(
+            f"{config.source_file}: training.effective_batch_size {effective} is not divisible by {world_size} processes"
+        )
+    micro = min(config.training.per_device_batch_size, effective // world_size)
+    while (effective // world_size) % micro:
+        micro -= 1
+    return micro, effective // (world_size * micro)
+
+
+# transformers renamed gradient checkpointing to activation checkpointing; use whichever this version knows.
+CHECKPOINTING_ARGUMENT = (
+    "activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ else "gradient_checkpointing"
+)
+
+
+def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOConfig:
+    micro, accumulation = batch_plan(config, world_size)
+    training = config.training
+    report_to = [target for target in config.logging.report_to if target != "jsonl"]  # metrics.jsonl is ours
+    best_metric = BEST_METRIC_LOGGED[training.best_metric]
+    forward_batch = forward_batch_size(training.eval_batch_size)
+    compile_model = on_gpu() if training.torch_compile is None else training.torch_compile
+    return DPOConfig(
+        output_dir=str(config.run_dir),
+        run_name=config.run_name,
+        num_train_epochs=training.num_epochs,
+        max_steps=training.max_steps or -1,
+        learning_rate=training.learning_rate,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        per_device_eval_batch_size=forward_batch,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        seed=training.seed,
+        data_seed=training.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        # Fused AdamW needs the optimizer's tensors on an accelerator to pay off; plain AdamW elsewhere.
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        use_cpu=not torch.cuda.is_available(),
+        # On a GPU, batches are copied from pinned memory without making the host wait for the copy.
+        dataloader_pin_memory=on_gpu(),
+        accelerator_config={"non_blocking": on_gpu()},
+        # transformers' own nan filter reads every step's loss on the host; the divergence guard reads at log steps.
+        logging_nan_inf_filter=False,
+        **{CHECKPOINTING_ARGUMENT: training.gradient_checkpointing},
+        torch_compile=compile_model,
+        torch_compile_mode=training.compile_mode if compile_model else None,
+        eval_strategy="epoch",
+        # What early stopping watches; only set when it is on, so a plain run keeps no second notion of "best".
+        metric_for_best_model=best_metric[0] if training.early_stopping_patience else None,
+        greater_is_better=best_metric[1] if training.early_stopping_patience else None,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter resumes where it was
+        save_strategy="epoch",
+        logging_steps=training.logging_steps,
+        report_to=report_to,
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
+        length_column_name="length",
+        dataloader_num_workers=training.dataloader_num_workers,
+        prediction_loss_only=True,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=forward_batch,
+        beta=config.loss.beta,
+        max_length=None,  # truncation already happened, without dropping pairs
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
+@dataclass
+class PreparedRun:
+    trainer: RecipeDPOTrainer
+    guard: InterruptGuard
+    resume_from: Path | None
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes this run, launched the way this one was."""
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    entry = "scripts/train.py" if sys.argv[0].endswith("train.py") else "-m dpo_recipe train"
+    # The run directory's config.yaml is the resolved config, --set overrides included.
+    return f"{launcher} {entry} --config {run_dir / RUN_CONFIG_FILE}"
+
+
+def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> PreparedRun:
+    """Everything up to the first step: data, tokenizer, model, reference log-probs, and the trainer."""
+    # Without a GPU, processes started by `accelerate launch` join one gloo group (MULTI_CPU) instead of each
+    # training alone; under an FSDP launch config the trainer then shards over it (`_fsdp_over_gloo`).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    precision = resolve_precision(config.training.precision, config.source_file)
+    try:  # before any data or model work, so a typo in loss.type costs nothing
+        loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha)
+    except ValueError as error:
+        raise ConfigError(f"{config.source_file}: {error}") from None
+    if config.model.lora is not None and fsdp_requested():
+        raise ConfigError(
+            f"{config.source_file}: model.lora is not supported under FSDP (an adapter's model fits each device: "
+            "launch with multi_gpu.yaml)"
+        )
+    run_dir = config.run_dir
+    resume_from = None
+    if resume:
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
+        print(f"resuming {run_dir} from {resume_from.name} (step {_checkpoint_step(resume_from)})", flush=True)
+    elif config.training.overwrite:  # every process takes this branch, so the barrier below is always matched
+        if state.is_main_process and run_dir.is_dir():
+            print(f"overwrite: removing {run_dir}", flush=True)
+            shutil.rmtree(run_dir)
+        state.wait_for_everyone()
+    elif epoch_dirs(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints: add --resume to continue that run, or --overwrite to start over")
+
+    report = DataReport()
+    splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
+    tokenizer_source = str(resume_from) if resume_from is not None else None
+    training_texts = [text for p in splits.train for text in p.texts()]
+    with state.main_process_first():  # a local BPE is trained by the main process; the others read it
+        tokenizer = load_tokenizer(
+            config.model, training_texts, source=tokenizer_source, cache_dir=config.training.reference_cache_dir
+        )
+    data = prepare_data(splits, tokenizer, config.data, report)
+    model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data.write(run_dir)
+        # Starting over is what this launch did, not a setting of the run: its saved config, which the printed resume
+        # command and `eval` read, must never wipe the run when used again.
+        saved = copy.deepcopy(config)
+        saved.training.overwrite = False
+        atomic_write(run_dir / RUN_CONFIG_FILE, saved.to_yaml())
+        print("\n".join(report.summary_lines()), flush=True)
+        if config.model.tiny is not None and not reference_dir(run_dir).exists():
+            model.save_pretrained(reference_dir(run_dir))
+            tokenizer.save_pretrained(reference_dir(run_dir))
+        if resume_from is not None:
+            forget_epochs_after(run_dir, int(resume_from.name[len(EPOCH_PREFIX) :]))
+            write_best(run_dir, config.training.best_metric)
+    state.wait_for_everyone()
+
+    if "wandb" in config.logging.report_to:
+        os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
+        os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
+    peft_config = None
+    if config.model.lora is not None:
+        from peft import LoraConfig
+        from transformers.pytorch_utils import Conv1D
+
+        lora = config.model.lora
+        # GPT-2 stores its projections transposed (Conv1D); PEFT must know, or it warns and flips the flag itself.
+        transposed = any(
+            isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in lora.target_modules
+        )
+        peft_config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            fan_in_fan_out=transposed, task_type="CAUSAL_LM",
+        )
+
+    micro, _ = batch_plan(config, state.num_processes)
+    training = config.training
+    collator = make_collator(
+        tokenizer.pad_token_id, training.prompt_sharing, training.pad_to_multiple_of, training.length_buckets,
+        (data.train, data.val), micro,
+    )
+    totals = RunningTotals()
+    guard = InterruptGuard()
+    trainer = RecipeDPOTrainer(
+        model=model,
+        args=dpo_arguments(config, state.num_processes, precision),
+        data_collator=collator,
+        train_dataset=data.train,
+        eval_dataset=data.val,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[
+            EpochRecorder(run_dir, totals, config.training.best_metric, config.training.keep_epochs), guard, ShardReport()
+        ],
+        loss_fn=loss_fn,
+        reference_cache_dir=config.training.reference_cache_dir,
+        totals=totals,
+        model_description=describe_model(config.model),
+    )
+    if config.training.eval_steps:
+        trainer.add_callback(StepEvaluation(config.training.eval_steps))
+    if config.training.early_stopping_patience:
+        trainer.add_callback(EpochEarlyStopping(config.training.early_stopping_patience))
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:  # not under the env's choice
+            callback.logging_dir = str(run_dir / TENSORBOARD_DIR)
+    if not verbose and trainer.args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(LogLinePrinter())
+    if state.is_main_process:
+        if peft_config is not None:
+            trainable, total = trainer.model.get_nb_trainable_parameters()
+            print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})", flush=True)
+        micro, accumulation = batch_plan(config, state.num_processes)
+        print(
+            f"batch: {state.num_processes} process(es) x micro-batch {micro} x accumulation {accumulation} = "
+            f"effective batch {config.training.effective_batch_size}; precision {precision}; "
+            f"{parallelism(trainer.accelerator)}",
+            flush=True,
+        )
+        print(batching_line(trainer), flush=True)
+        hits = ", ".join(f"{name} {'reused' if hit else 'computed'}" for name, hit in trainer.reference_cache_hits.items())
+        print(f"reference log-probs: {hits} (cache {config.training.reference_cache_dir})", flush=True)
+    return PreparedRun(trainer, guard, resume_from)
+
+
+def batching_line(trainer: RecipeDPOTrainer) -> str:
+    """The layout, the shapes and the padding one epoch of training batches leaves."""
+    collator = trainer.data_collator
+    dataset = trainer.train_dataset
+    with torch.random.fork_rng(devices=[]):  # the sampler draws from torch's RNG: training must not see this draw
+        order = list(trainer._get_train_sampler(dataset))
+    size = trainer.args.per_device_train_batch_size
+    batches = [[dataset[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+    padding = epoch_padding(collator, batches)
+    if collator.buckets is None:
+        shapes = "exact widths" if collator.pad_to_multiple_of in (None, 1) else f"widths rounded up to {collator.pad_to_multiple_of}"
+    else:
+        shapes = (f"length buckets: widths {list(collator.buckets.widths)}, scored positions per pair "
+                  f"{list(collator.buckets.scored_per_pair)}")
+    return (f"batches: {collator.layout.replace('_', ' ')} layout, {shapes}; padding {padding['positions']:.1%} of "
+            f"positions, {padding['scored']:.1%} of scored-position slots (one epoch)")
+
+
+
+
+def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
+    """Where and how long the run trained (each session of a resumed run adds its own), for reports to quote."""
+    import platform
+
+    import transformers
+    import trl
+
+    path = run_dir / RUN_INFO_FILE
+    info = json.loads(path.read_text()) if path.is_file() and run.resume_from is not None else {"sessions": []}
+    state = run.trainer.accelerator.state
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    info["sessions"].append(
+        {
+            "wall_seconds": round(seconds, 1),  # data, reference pass, training, validation and saving
+            "resumed_from": run.resume_from.name if run.resume_from else None,
+            "device": device,
+            "processes": state.num_processes,
+            "distributed": str(state.distributed_type),
+            "precision": "bf16" if run.trainer.args.bf16 else "fp16" if run.trainer.args.fp16 else "fp32",
+            "software": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        }
+    )
+    info["wall_seconds"] = round(sum(session["wall_seconds"] for session in info["sessions"]), 1)
+    atomic_write(path, json.dumps(info, indent=2))
+
+
+def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> int:
+    """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
+    started = time.perf_counter()
+    run = prepare_run(config, resume, verbose)
+    try:
+        run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    finally:
+        run.guard.restore()  # HF skips on_train_end when training raises
+    run_dir = config.run_dir
+    is_main = run.trainer.accelerator.is_main_process
+    if run.guard.interrupted:
+        if is_main:
+            last = latest_checkpoint(run_dir)
+            command = resume_command(run_dir)
+            if last:
+                print(f"interrupted; last complete checkpoint: {last}. Resume with: {command} --resume", file=sys.stderr)
+            else:
+                print(f"interrupted before any epoch finished; nothing to resume. Start again with: {command}", file=sys.stderr)
+        return 130
+    if is_main:
+        _record_session(run_dir, run, time.perf_counter() - started)
+        plot_run(run_dir)
+        best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
+        if best:
+            print(f"done: {run_dir} (best epoch {best['epoch']} by {best['metric']} = {best['value']:.4f})", flush=True)
+    return 0
