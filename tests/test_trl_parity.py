@@ -13,12 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from dpo_recipe.cli import main
 from dpo_recipe.config import DataConfig
 from dpo_recipe.data import DataReport, PreferencePair, hh_messages, read_pairs, split_dialogue, tokenize_pairs
 from dpo_recipe.synthetic import hh_length_rows, synthetic_rows
 
 from conftest import (
-    CHATML_TEMPLATE, SMOLLM2_DIR, gpt2_style_tokenizer, metaspace_bos_tokenizer, write_jsonl,
+    CHATML_TEMPLATE, SMOKE_CONFIG, SMOLLM2_DIR, gpt2_style_tokenizer, metaspace_bos_tokenizer, write_jsonl,
 )  # fmt: skip
 
 NOTHING_CUT = 100_000  # data.max_length: parity is about tokenization, truncation is the recipe's own
@@ -332,3 +333,34 @@ def test_a_tokenization_change_changes_the_reference_cache_key(families, tmp_pat
     assert key(now) == key(again)
     assert key(before) != key(now)
 
+
+# Through the command line -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["ultrafeedback", "standard", "standard_implicit"])
+def test_show_data_json_writes_trls_ids_pair_by_pair(tmp_path, shape):
+    """`show-data --json` with a Metaspace+BOS tokenizer given as model.tokenizer and nothing cut: the ids TRL's
+    `_prepare_dataset` gives the same rows (UltraFeedback's after `maybe_extract_prompt`), pair by pair."""
+    from transformers import AutoTokenizer
+
+    built = metaspace_bos_tokenizer(corpus())
+    built.chat_template = CHATML_TEMPLATE
+    built.save_pretrained(tmp_path / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")  # as the recipe reads it
+    rows = {
+        "ultrafeedback": [ultrafeedback(row, number) for number, row in enumerate(chat_rows())],
+        "standard": standard_rows(tokenizer.eos_token),
+        "standard_implicit": implicit_rows(tokenizer.eos_token) + trl_readable_implicit(hh_dialogues()),
+    }[shape]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "ids.json"
+    assert main([
+        "show-data", "--config", str(SMOKE_CONFIG), "--set", f"model.tokenizer={tmp_path / 'tokenizer'}",
+        "--set", f"data.source={data}", "--set", f"data.max_length={NOTHING_CUT}", "--set", "data.num_pairs=4",
+        "--set", "data.num_test_pairs=2", "--set", f"training.reference_cache_dir={tmp_path / 'cache'}",
+        "--n", "0", "--json", str(out),
+    ]) == 0  # fmt: skip
+    written = json.loads(out.read_text())
+    assert [(record["source"], record["row"]) for record in written] == [(str(data), line) for line in range(1, len(rows) + 1)]
+    ids = [(record["prompt_ids"], record["chosen_ids"], record["rejected_ids"]) for record in written]
+    assert_same_ids(ids, trl_token_ids(rows, tokenizer, extract_prompt=shape == "ultrafeedback"), tokenizer)

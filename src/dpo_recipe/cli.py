@@ -51,6 +51,20 @@ def _command_print_config(args) -> int:
     return 0
 
 
+def _command_show_data(args) -> int:
+    from .config import ConfigError, load_config
+    from .hub import check_hub_access
+
+    config = load_config(args.config, args.overrides)
+    if args.n < 0:
+        raise ConfigError(f"--n must be >= 0 (got {args.n})")
+    check_hub_access(config)  # the tokenizer may come from the model's hub id; no weights are loaded
+    from .showdata import show_data
+
+    print("\n".join(show_data(config, args.split, args.n, args.json)))
+    return 0
+
+
 def _command_eval(args) -> int:
     from .evaluate import eval_table, evaluate_paths
 
@@ -129,6 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(show)
     show.set_defaults(handler=_command_print_config)
 
+    show_data = commands.add_parser(
+        "show-data", help="what the model sees: pairs after rendering, tokenization and truncation (loads no model)"
+    )
+    _config_arguments(show_data)
+    show_data.add_argument(
+        "--split", choices=("all", "train", "val", "test"), default="all",
+        help="a split as training samples it, or all: every usable pair in source order (default)",
+    )
+    show_data.add_argument("--n", type=int, default=3, help="pairs to print (default 3)")
+    show_data.add_argument(
+        "--json", type=Path, metavar="FILE",
+        help="write every pair of the split: source, row (as data_report.json numbers it) and the token ids training uses",
+    )
+    show_data.set_defaults(handler=_command_show_data)
+
     evaluate = commands.add_parser("eval", help="evaluate checkpoints on the run's test pairs (or --data); writes eval_*.json")
     evaluate.add_argument(
         "paths", nargs="+", type=Path, metavar="PATH", help="a checkpoint, a run directory, a directory of runs, or any model directory"
@@ -175,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _name_the_source(message: str, config_file: str, overrides: list[str]) -> str:
     """Checks made after loading (e.g. the model's context) name only the key: add the --set flag or file it came from."""
-    if message.startswith(("--set ", config_file, str(Path(config_file).resolve()))):
+    if message.startswith(("--", config_file, str(Path(config_file).resolve()))):  # a flag (--set, --n) names itself
         return message
     for override in reversed(overrides):  # the last --set of a key is the one that counts
         key = override.split("=", 1)[0].strip()
