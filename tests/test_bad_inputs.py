@@ -244,15 +244,16 @@ def test_hub_rows_get_the_same_checks_with_row_numbers(monkeypatch):
     ]
     calls = []
 
-    def load_dataset(source, data_dir=None, split=None):
-        calls.append((source, data_dir, split))
+    def load_dataset(source, name=None, data_dir=None, split=None):
+        calls.append((source, name, data_dir, split))
         return Dataset.from_list(rows)
 
     monkeypatch.setattr("datasets.load_dataset", load_dataset)
     report = DataReport()
     config = DataConfig(source="Anthropic/hh-rlhf", subset="harmless-base")
     pairs = read_pairs("Anthropic/hh-rlhf", "train", config, report)
-    assert calls == [("Anthropic/hh-rlhf", "harmless-base", "train")]
+    read_pairs("Anthropic/hh-rlhf", "test", DataConfig(source="Anthropic/hh-rlhf", config_name="default"), DataReport())
+    assert calls == [("Anthropic/hh-rlhf", None, "harmless-base", "train"), ("Anthropic/hh-rlhf", "default", None, "test")]
     assert [pair.index for pair in pairs] == [0, 4]
     assert report.dropped["Anthropic/hh-rlhf:train"] == {"non_string_field": 1, "identical": 1, "no_assistant_marker": 1}
     with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf:train:1: 'chosen' or 'rejected' \(or the format's 'prompt'\) is not a string \(strict mode\)$"):

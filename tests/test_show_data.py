@@ -68,7 +68,6 @@ def test_show_data_loads_a_tokenizer_but_never_a_model(tmp_path, capsys):
 @pytest.mark.parametrize(
     "arguments, overrides, message",
     [
-        (("--n", "-1"), (), "error: --n must be >= 0 (got -1)"),
         ((), ("data.source=no/such/pairs.jsonl",), "error: no/such/pairs.jsonl: data file not found"),
         ((), ("data.format=standard",), "none of its 288 rows is a usable preference pair in the standard format"),
     ],
@@ -77,6 +76,13 @@ def test_show_data_bad_input_is_one_line(tmp_path, capsys, arguments, overrides,
     assert show_data(tmp_path, *arguments, overrides=overrides) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_show_data_n_must_be_a_count(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        show_data(tmp_path, "--n", "-1")
+    assert exited.value.code == 2
+    assert "show-data: error: argument --n: must be a whole number >= 0 (got '-1')" in capsys.readouterr().err
 
 
 def test_show_data_shows_a_chat_pair_as_the_template_renders_it(tmp_path, capsys):

@@ -51,13 +51,17 @@ def _command_print_config(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (got {text!r})")
+    return int(text)
+
+
 def _command_show_data(args) -> int:
-    from .config import ConfigError, load_config
+    from .config import load_config
     from .hub import check_hub_access
 
     config = load_config(args.config, args.overrides)
-    if args.n < 0:
-        raise ConfigError(f"--n must be >= 0 (got {args.n})")
     check_hub_access(config)  # the tokenizer may come from the model's hub id; no weights are loaded
     from .showdata import show_data
 
@@ -151,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", choices=("all", "train", "val", "test"), default="all",
         help="a split as training samples it, or all: every usable pair in source order (default)",
     )
-    show_data.add_argument("--n", type=int, default=3, help="pairs to print (default 3)")
+    show_data.add_argument("--n", type=_count, default=3, help="pairs to print (default 3)")
     show_data.add_argument(
         "--json", type=Path, metavar="FILE",
         help="write every pair of the split: source, row (as data_report.json numbers it) and the token ids training uses",
@@ -204,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _name_the_source(message: str, config_file: str, overrides: list[str]) -> str:
     """Checks made after loading (e.g. the model's context) name only the key: add the --set flag or file it came from."""
-    if message.startswith(("--", config_file, str(Path(config_file).resolve()))):  # a flag (--set, --n) names itself
+    if message.startswith(("--set ", config_file, str(Path(config_file).resolve()))):
         return message
     for override in reversed(overrides):  # the last --set of a key is the one that counts
         key = override.split("=", 1)[0].strip()

@@ -410,7 +410,7 @@ def _hub_rows(source: str, config: DataConfig, split: str) -> Iterator[tuple[int
 
     configuration = f" configuration {config.config_name!r}" if config.config_name else ""
     try:
-        dataset = load_dataset(source, config.config_name, data_dir=config.subset, split=split)
+        dataset = load_dataset(source, name=config.config_name, data_dir=config.subset, split=split)
     except Exception as error:  # noqa: BLE001 - the hub raises many types; the user needs one line
         raise _load_error(f"dataset {source!r}{configuration} (split {split!r})", error) from None
     yield from enumerate(dataset)
