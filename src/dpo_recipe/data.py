@@ -570,6 +570,11 @@ def use_chat_template(tokenizer, config: DataConfig, what: str) -> None:
         )
 
 
+def _where(pair: PreferencePair, split: str) -> str:
+    """A pair as error messages name it: its source and line (or row), else its split and index."""
+    return f"{pair.source}:{pair.index}" if pair.source else f"{split} pair {pair.index}"
+
+
 def _chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False, **template_kwargs) -> list[int]:
     return tokenizer.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True, **template_kwargs
@@ -593,8 +598,8 @@ def encode_pairs(
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if not eos and any(_blank(pair.chosen) or _blank(pair.rejected) for pair in pairs):
-        empty = next(pair.index for pair in pairs if _blank(pair.chosen) or _blank(pair.rejected))
-        raise DataError(f"{split} pair {empty}: a response is empty and the tokenizer has no end-of-sequence token to score it")
+        empty = next(pair for pair in pairs if _blank(pair.chosen) or _blank(pair.rejected))
+        raise DataError(f"{_where(empty, split)}: a response is empty and the tokenizer has no end-of-sequence token to score it")
     notes = dict.fromkeys(TOKENIZATION_NOTES, 0)
     texts = [pair for pair in pairs if isinstance(pair.prompt, str)]
     eos_text = tokenizer.eos_token
@@ -625,7 +630,10 @@ def encode_pairs(
             full = [_chat_ids(tokenizer, pair.prompt + response, **kwargs) for response in (pair.chosen, pair.rejected)]
         shared = min(common_prefix_length(prompt_ids, ids) for ids in full)
         if shared == 0:
-            raise DataError(f"{split} pair {pair.index}: the prompt tokenizes differently alone and before a response, from its first token on")
+            raise DataError(
+                f"{_where(pair, split)}: the prompt and prompt + response share no first token (the response merges "
+                f"with the prompt's only word, or the chat template renders them apart); end the prompt on a token boundary"
+            )
         notes["prompt_end_left_out"] += shared < len(prompt_ids)
         encoded.append((prompt_ids[:shared], *(ids[shared:] or eos for ids in full)))
     return encoded, notes
