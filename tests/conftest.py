@@ -22,6 +22,58 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
 
 
+# ChatML, as SmolLM2 and Qwen render turns; it also renders a row's `tools` and two template variables
+# (`chat_template_kwargs`), one of which (`enable_thinking` false, as in Qwen3) changes the generation prompt only.
+CHATML_TEMPLATE = (
+    r"{% if tools %}{{ '<|im_start|>system\nTools:' }}{% for tool in tools %}{{ ' ' + tool['function']['name'] }}"
+    r"{% endfor %}{{ '<|im_end|>\n' }}{% endif %}{% if persona is defined %}{{ '<|im_start|>system\nSpeak as a ' + "
+    r"persona + '.<|im_end|>\n' }}{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + "
+    r"m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    r"{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
+
+
+def _trained_bpe(texts: list[str], pre_tokenizer, special_tokens: list[str], vocab_size: int) -> tuple[dict, list]:
+    """The vocabulary and merges of a BPE trained on `texts` (the `tokenizers` trainer; nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizer
+    initial = pre_tokenizer.alphabet() if hasattr(pre_tokenizer, "alphabet") else []
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=initial, show_progress=False
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    return state["vocab"], [tuple(merge) for merge in state["merges"]]
+
+
+def gpt2_style_tokenizer(texts: list[str], vocab_size: int = 700):
+    """GPT-2's tokenizer class over a byte-level BPE trained on `texts`: no BOS, `<|endoftext|>` as EOS."""
+    from tokenizers import pre_tokenizers
+    from transformers import GPT2Tokenizer
+
+    vocab, merges = _trained_bpe(texts, pre_tokenizers.ByteLevel(add_prefix_space=False), ["<|endoftext|>"], vocab_size)
+    return GPT2Tokenizer(vocab=vocab, merges=merges)
+
+
+def metaspace_bos_tokenizer(texts: list[str], vocab_size: int = 700):
+    """Llama/Mistral style: Llama's tokenizer class, a SentencePiece-like Metaspace BPE with byte fallback whose
+    post-processor adds the BOS `<s>`; `</s>` as EOS."""
+    from tokenizers import pre_tokenizers
+    from transformers import LlamaTokenizer
+
+    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    vocab, merges = _trained_bpe(texts, metaspace, specials, vocab_size + 256)
+    return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+
+
+# SmolLM2-135M-Instruct as ../shared/tools/get-smollm2.sh writes it (its tokenizer files are enough); tests that use
+# it are skipped where it is absent.
+SMOLLM2_DIR = Path(os.environ.get("SMOLLM2_DIR", Path.home() / ".cache" / "offline-models" / "smollm2-135m"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     texts = [row["chosen"] + row["rejected"] for row in synthetic_rows("train", 200)]

@@ -18,10 +18,10 @@ import pytest
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import DataConfig, ModelConfig
-from dpo_recipe.data import DataError, DataReport, load_text_splits, read_pairs
+from dpo_recipe.data import DataError, DataReport, load_text_splits, read_pairs, tokenize_pairs
 from dpo_recipe.synthetic import synthetic_rows
 
-from conftest import REPO, SMOKE_CONFIG, write_jsonl
+from conftest import REPO, SMOKE_CONFIG, gpt2_style_tokenizer, write_jsonl
 
 PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant:"
 
@@ -244,15 +244,16 @@ def test_hub_rows_get_the_same_checks_with_row_numbers(monkeypatch):
     ]
     calls = []
 
-    def load_dataset(source, data_dir=None, split=None):
-        calls.append((source, data_dir, split))
+    def load_dataset(source, name=None, data_dir=None, split=None):
+        calls.append((source, name, data_dir, split))
         return Dataset.from_list(rows)
 
     monkeypatch.setattr("datasets.load_dataset", load_dataset)
     report = DataReport()
     config = DataConfig(source="Anthropic/hh-rlhf", subset="harmless-base")
     pairs = read_pairs("Anthropic/hh-rlhf", "train", config, report)
-    assert calls == [("Anthropic/hh-rlhf", "harmless-base", "train")]
+    read_pairs("Anthropic/hh-rlhf", "test", DataConfig(source="Anthropic/hh-rlhf", config_name="default"), DataReport())
+    assert calls == [("Anthropic/hh-rlhf", None, "harmless-base", "train"), ("Anthropic/hh-rlhf", "default", None, "test")]
     assert [pair.index for pair in pairs] == [0, 4]
     assert report.dropped["Anthropic/hh-rlhf:train"] == {"non_string_field": 1, "identical": 1, "no_assistant_marker": 1}
     with pytest.raises(DataError, match=r"^Anthropic/hh-rlhf:train:1: 'chosen' or 'rejected' \(or the format's 'prompt'\) is not a string \(strict mode\)$"):
@@ -375,3 +376,18 @@ def test_models_load_as_safetensors_and_remote_code_stays_off_unless_asked(monke
     assert [c["trust_remote_code"] for c in model_calls] == [False, True]
     assert all(c["use_safetensors"] is True for c in model_calls)
     assert [c["trust_remote_code"] for c in calls if "use_safetensors" not in c] == [False, True]
+
+
+def test_pairs_the_tokenizer_cannot_score_are_one_line_naming_file_and_line(tmp_path):
+    tokenizer = gpt2_style_tokenizer(["It is here. It is there. " * 50], vocab_size=300)
+    assert len(tokenizer("It")["input_ids"]) == 1
+    # "I" + "t is." tokenizes as "It is.": prompt and prompt + response share no token.
+    rows = [{"prompt": "Is it?", "chosen": " It is.", "rejected": ""}, {"prompt": "I", "chosen": "t is.", "rejected": "t is not."}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = DataConfig(source=str(path), max_length=64)
+    pairs = read_pairs(str(path), "train", config, DataReport())
+    with pytest.raises(DataError, match=rf"^{path}:2: the prompt and prompt \+ response share no first token .*; end the prompt on a token boundary$"):
+        tokenize_pairs(pairs, tokenizer, config, "train", DataReport())
+    tokenizer.eos_token = None
+    with pytest.raises(DataError, match=rf"^{path}:1: a response is empty and the tokenizer has no end-of-sequence token to score it$"):
+        tokenize_pairs(pairs, tokenizer, config, "train", DataReport())

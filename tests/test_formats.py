@@ -195,6 +195,10 @@ def test_detection_reads_the_columns_and_data_format_forces_one():
     assert detect_format({"prompt": "a", "chosen": "b", "rejected": "c"}) == "standard"
     assert detect_format({"prompt": [], "chosen": [], "rejected": []}) == "conversational"
     assert detect_format({"chosen": [], "rejected": []}) == "conversational_implicit"
+    # A prompt of another kind than the responses is not the prompt (TRL's maybe_extract_prompt): UltraFeedback's
+    # string beside whole conversations, and the reverse.
+    assert detect_format({"prompt": "a", "chosen": [], "rejected": [], "prompt_id": "x", "score_chosen": 9.0}) == "conversational_implicit"
+    assert detect_format({"prompt": [], "chosen": "a b", "rejected": "a c"}) == "standard_implicit"
     assert detect_format([1, 2]) is None
     with pytest.raises(ConfigError, match=r"data.format must be one of auto, hh-rlhf, hh-rlhf-chat, standard, "):
         load_config(SMOKE_CONFIG, ["data.format=sharegpt"])
@@ -212,6 +216,8 @@ def conversational_dirty_file(tmp_path) -> tuple[str, dict[str, list[int]]]:
         ({"prompt": user, "chosen": good[0]["chosen"], "rejected": good[0]["chosen"]}, "identical"),
         ("{not json", "malformed_json"),
         ({"prompt": user, "chosen": "Hello.", "rejected": good[0]["rejected"]}, "malformed_messages"),
+        ({**good[0], "tools": "[{not json"}, "malformed_template_columns"),
+        ({**good[0], "chat_template_kwargs": {"add_generation_prompt": False}}, "malformed_template_columns"),
     ]  # fmt: skip
     rows, expected = list(good[:2]), {}
     for row, reason in bad:
@@ -225,7 +231,7 @@ def test_a_conversational_file_with_bad_rows_counts_them_or_names_file_and_line_
     source, expected = conversational_dirty_file(tmp_path)
     report = DataReport()
     pairs = read_pairs(source, "train", DataConfig(source=source), report)
-    assert len(pairs) == 8 and report.formats == {source: "conversational"}
+    assert len(pairs) == 10 and report.formats == {source: "conversational"}
     assert report.dropped_examples[source] == expected
     assert report.dropped[source] == {reason: len(lines) for reason, lines in expected.items()}
     with pytest.raises(DataError) as error:
@@ -265,6 +271,41 @@ def test_a_local_directory_laid_out_like_a_hub_dataset_loads_through_subset(tmp_
     assert (len(splits.train), len(splits.val), len(splits.test)) == (15, 5, 6)
     with pytest.raises(DataError, match=r"^dataset '.*' \(split 'train'\) could not be loaded: "):
         read_pairs(str(root), "train", DataConfig(source=str(root), subset="no-such-subset"), DataReport())
+
+
+def test_a_local_directory_with_configurations_loads_through_config_name(tmp_path):
+    """Configurations declared in the directory's README.md, as on the hub: `load_dataset(source, config_name)`."""
+    root = tmp_path / "preferences"
+    for name, seed in (("polite", 0), ("rude", 1)):
+        (root / name).mkdir(parents=True)
+        for split, count in (("train", 12), ("test", 4)):
+            write_jsonl(root / name / f"{split}.jsonl", synthetic_rows(split, count, seed=seed))
+    declared = "".join(
+        f"- config_name: {name}\n  data_files:\n" + "".join(f"  - split: {split}\n    path: {name}/{split}.jsonl\n" for split in ("train", "test"))
+        for name in ("polite", "rude")
+    )
+    (root / "README.md").write_text(f"---\nconfigs:\n{declared}---\n")
+    config = DataConfig(source=str(root), config_name="rude", num_pairs=8, num_test_pairs=3)
+    report = DataReport()
+    splits = load_text_splits(config, seed=0, report=report)
+    assert report.rows_read == {f"{root}:train": 12, f"{root}:test": 4}
+    rude_test = [split_dialogue(row["chosen"], row["rejected"])[0] for row in synthetic_rows("test", 4, seed=1)]
+    assert all(pair.prompt in rude_test for pair in splits.test)
+    with pytest.raises(DataError, match=rf"^dataset '{root}' configuration 'kind' \(split 'train'\) could not be loaded: BuilderConfig 'kind' not found"):
+        read_pairs(str(root), "train", DataConfig(source=str(root), config_name="kind"), DataReport())
+
+
+def test_config_name_is_for_datasets_only(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_rows("train", 8))
+    with pytest.raises(ConfigError, match=r"^data.config_name 'en' names a configuration of a hub dataset .* but data.source '.*pairs.jsonl' is not one$"):
+        load_text_splits(DataConfig(source=str(data), config_name="en", num_pairs=4, num_test_pairs=2), 0, DataReport())
+    assert main(["show-data", "--config", str(SMOKE_CONFIG), "--set", "data.config_name=en"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --set data.config_name=en: data.config_name 'en' names a configuration of a hub dataset (or of a "
+        "directory laid out like one), but data.source 'synthetic' is not one\n"
+    )
+    with pytest.raises(ConfigError, match=r"data.config_name must be a configuration name or null \(got ''\)"):
+        load_config(SMOKE_CONFIG, ["data.config_name=''"])
 
 
 def test_a_conversational_file_trains_evaluates_ranks_and_generates_end_to_end(tmp_path, capsys):

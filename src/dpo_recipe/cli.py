@@ -51,6 +51,24 @@ def _command_print_config(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (got {text!r})")
+    return int(text)
+
+
+def _command_show_data(args) -> int:
+    from .config import load_config
+    from .hub import check_hub_access
+
+    config = load_config(args.config, args.overrides)
+    check_hub_access(config)  # the tokenizer may come from the model's hub id; no weights are loaded
+    from .showdata import show_data
+
+    print("\n".join(show_data(config, args.split, args.n, args.json)))
+    return 0
+
+
 def _command_eval(args) -> int:
     from .evaluate import eval_table, evaluate_paths
 
@@ -128,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("print-config", help="print the fully resolved config (loads no model or data)")
     _config_arguments(show)
     show.set_defaults(handler=_command_print_config)
+
+    show_data = commands.add_parser(
+        "show-data", help="what the model sees: pairs after rendering, tokenization and truncation (loads no model)"
+    )
+    _config_arguments(show_data)
+    show_data.add_argument(
+        "--split", choices=("all", "train", "val", "test"), default="all",
+        help="a split as training samples it, or all: every usable pair in source order (default)",
+    )
+    show_data.add_argument("--n", type=_count, default=3, help="pairs to print (default 3)")
+    show_data.add_argument(
+        "--json", type=Path, metavar="FILE",
+        help="write every pair of the split: source, row (as data_report.json numbers it) and the token ids training uses",
+    )
+    show_data.set_defaults(handler=_command_show_data)
 
     evaluate = commands.add_parser("eval", help="evaluate checkpoints on the run's test pairs (or --data); writes eval_*.json")
     evaluate.add_argument(

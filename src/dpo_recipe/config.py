@@ -54,6 +54,9 @@ class DataConfig:
     source: str = "Anthropic/hh-rlhf"
     # Hub (or local dataset directory) `data_dir`, for example `harmless-base`; null uses the whole dataset.
     subset: str | None = None
+    # A hub dataset's configuration, `load_dataset(source, config_name)` (TRL's `dataset_config`), for example `en`;
+    # null: its default. A local directory declares configurations in its README.md, as on the hub.
+    config_name: str | None = None
     # One of DATA_FORMATS; `auto` detects it from the first row's columns (see `dpo_recipe.data`).
     format: str = "auto"
     # A Jinja chat template, or a file holding one, for message formats when the tokenizer has none (or to replace
@@ -355,6 +358,7 @@ def _validate(config: RecipeConfig) -> None:
             f"leaves no training pairs out of data.num_pairs = {config.data.num_pairs}",
         ),
         ("data.num_test_pairs", config.data.num_test_pairs >= 0, "must be >= 0"),
+        ("data.config_name", config.data.config_name is None or config.data.config_name.strip() != "", "must be a configuration name or null"),
         (
             "data.chat_template",
             config.data.chat_template is None or "{" in config.data.chat_template or Path(config.data.chat_template).is_file(),

@@ -9,10 +9,12 @@ Formats (`data.format`, detected from the first row's columns when `auto`):
 - `standard_implicit`: `{chosen, rejected}` strings without hh-rlhf turns; the prompt is their longest common
   prefix, a trailing space going to the responses (TRL's `extract_prompt` rule).
 - `conversational`: `{prompt, chosen, rejected}` lists of `{role, content}` messages.
-- `conversational_implicit`: `{chosen, rejected}` message lists; the prompt is their shared leading messages.
+- `conversational_implicit`: `{chosen, rejected}` message lists; the prompt is their shared leading messages. A
+  `prompt` string beside them (UltraFeedback-binarized) is ignored, as TRL's `maybe_extract_prompt` ignores it.
+Other columns are ignored, except `tools` and `chat_template_kwargs`, which chat formats pass to the chat template.
 
-Messages stay messages until tokenization, which renders them with the tokenizer's chat template as TRL does. Text
-responses end with the end-of-sequence token; an empty response is that token alone.
+Messages stay messages until tokenization, which renders them with the tokenizer's chat template. Every format is
+tokenized as TRL 1.16's DPOTrainer tokenizes it (`encode_pairs`), then truncated the recipe's way (`truncate_pair`).
 
 Nothing is lost silently: every dropped row is counted by reason (with its first line or row numbers) and every
 truncated pair is counted by kind, in a `DataReport` that the trainer prints and writes to the run directory.
@@ -20,6 +22,7 @@ truncated pair is counted by kind, in a `DataReport` that the trainer prints and
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import json
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig, RecipeConfig
 from .rundir import DATA_INDICES_FILE, DATA_REPORT_FILE
 
 if TYPE_CHECKING:  # `datasets` takes seconds to import; a bad config or data file should fail before that
@@ -56,6 +59,10 @@ DROP_REASONS = {
     "missing_field": "'chosen' or 'rejected' (or the format's 'prompt') is missing",
     "non_string_field": "'chosen' or 'rejected' (or the format's 'prompt') is not a string",
     "malformed_messages": "a field is not a list of {role, content} messages with string values",
+    "malformed_template_columns": (
+        "'tools' is not a list (or JSON text of one), or 'chat_template_kwargs' is not a mapping (without "
+        "add_generation_prompt, tokenize or return_dict)"
+    ),
     "empty_text": "'chosen' or 'rejected' is empty",
     "empty_prompt": "the prompt (given, or shared by chosen and rejected) is empty",
     "identical": "chosen equals rejected, or both responses are empty",
@@ -66,6 +73,16 @@ DROP_REASONS = {
 # Kept, but counted: a rater may prefer saying nothing (hh-rlhf harmless-base has such pairs). As in TRL, the empty
 # response is scored as its end-of-sequence token alone.
 EMPTY_RESPONSE_NOTE = "a response is empty; kept, scored as its end-of-sequence token alone"
+# Where tokenizing prompt + response whole (as TRL does) differs from tokenizing the parts apart; counted per split.
+TOKENIZATION_NOTES = {
+    "prompt_end_left_out": (
+        "the prompt's last tokens change once a response follows (tokens merge across the boundary, or the chat "
+        "template renders the prompt's end differently); as in TRL they are left out of the prompt"
+    ),
+    "eos_text_in_response": "a text response already ends with the end-of-sequence text; as in TRL none is added",
+}
+# Arguments the tokenization step gives the chat template itself; a row's chat_template_kwargs cannot set them.
+TEMPLATE_ARGUMENTS = frozenset({"add_generation_prompt", "tokenize", "return_dict"})
 
 
 class DataError(ValueError):
@@ -89,10 +106,14 @@ class PreferencePair:
     prompt: str | Messages
     chosen: str | Messages
     rejected: str | Messages
+    # The row's `tools` and `chat_template_kwargs`, for the chat template (chat formats only, as in TRL).
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The source as the data report names it: a file, `dataset:split` or `synthetic:split`.
+    source: str = ""
 
     def texts(self) -> list[str]:
         """The pair's plain text (message contents for chat formats), for training a tokenizer on it."""
-        return [part if isinstance(part, str) else "\n".join(m["content"] for m in part)
+        return [part if isinstance(part, str) else "\n".join(m.get("content") or "" for m in part)
                 for part in (self.prompt, self.chosen, self.rejected)]  # fmt: skip
 
 
@@ -108,6 +129,10 @@ class DataReport:
     formats: dict[str, str] = field(default_factory=dict)  # the format each source was read as
     empty_response_kept: dict[str, int] = field(default_factory=dict)
     empty_response_examples: dict[str, list[int]] = field(default_factory=dict)
+    # Rows whose `tools` / `chat_template_kwargs` reach the chat template, by source.
+    template_kwargs_rows: dict[str, int] = field(default_factory=dict)
+    # Per split: counts of TOKENIZATION_NOTES.
+    tokenization: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def record_empty_response(self, source: str, index: int) -> None:
         self.empty_response_kept[source] = self.empty_response_kept.get(source, 0) + 1
@@ -138,9 +163,14 @@ class DataReport:
                 where = ", ".join(map(str, self.empty_response_examples[source]))
                 count = self.empty_response_kept[source]
                 lines.append(f"  kept    {count:>5}  empty_response: {EMPTY_RESPONSE_NOTE} (first at {where})")
+            if self.template_kwargs_rows.get(source):
+                count = self.template_kwargs_rows[source]
+                lines.append(f"  kept    {count:>5}  with tools or chat_template_kwargs, passed to the chat template")
         for split, kinds in self.truncated.items():
             parts = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
             lines.append(f"{split}: {self.pairs.get(split, 0)} pairs; truncated: {parts}")
+            for note, count in self.tokenization.get(split, {}).items():
+                lines.append(f"  {note} {count}: {TOKENIZATION_NOTES[note]}")
         return lines
 
 
@@ -199,7 +229,7 @@ def _split_standard(prompt: str, chosen: str, rejected: str) -> tuple[str, str, 
         raise BadRow("empty_prompt")
     if chosen == rejected or not (chosen.strip() or rejected.strip()):
         raise BadRow("identical")
-    return prompt, _empty_if_blank(chosen), _empty_if_blank(rejected)
+    return prompt, chosen, rejected  # verbatim, as TRL tokenizes them: a blank response keeps its whitespace
 
 
 def _split_standard_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -216,17 +246,23 @@ def _split_standard_implicit(chosen: str, rejected: str) -> tuple[str, str, str]
 
 
 def read_messages(value: Any) -> Messages:
+    """Messages with a string role and content (a message carrying `tool_calls` may have no content)."""
     ok = isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    )
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and (isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls")))
+        for m in value
+    )  # fmt: skip
     if not ok:
         raise BadRow("malformed_messages")
-    # Only role and content: a hub column of structs adds other keys as None, which a chat template would render.
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    # Keys set to None are left out: a hub column of structs gives every message every key any message has (None
+    # where it had none), which a chat template testing `is defined` would render.
+    return [{key: item for key, item in m.items() if item is not None} for m in value]
 
 
 def _blank(response: str | Messages) -> bool:
-    return not response if isinstance(response, str) else all(not m["content"].strip() for m in response)
+    if isinstance(response, str):
+        return not response.strip()
+    return all(not (m.get("content") or "").strip() for m in response)
 
 
 def _split_conversational(prompt: Messages, chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
@@ -259,30 +295,50 @@ SPLITTERS = {
 
 
 def detect_format(row: Any) -> str | None:
-    """The format a row's columns and types say it is in; None for a row that says nothing (not an object)."""
+    """The format a row's columns and types say it is in; None for a row that says nothing (not an object).
+
+    As TRL's `maybe_extract_prompt`: a `prompt` of another kind than the responses (UltraFeedback-binarized's
+    string beside conversations) is not the prompt; the responses' shared beginning is.
+    """
     if not isinstance(row, dict) or "chosen" not in row:
         return None
     chat = isinstance(row["chosen"], list)
-    if "prompt" in row:
-        return "conversational" if chat or isinstance(row["prompt"], list) else "standard"
+    if "prompt" in row and isinstance(row["prompt"], list) == chat:
+        return "conversational" if chat else "standard"
     if chat:
         return "conversational_implicit"
     return "hh-rlhf" if isinstance(row["chosen"], str) and ASSISTANT_MARKER in row["chosen"] else "standard_implicit"
 
 
-def _parse_row(row: Any, data_format: str) -> tuple:
+def _template_kwargs(row: dict) -> dict[str, Any]:
+    """A row's `tools` (a list, or JSON text of one) and `chat_template_kwargs`, merged as TRL merges them."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise BadRow("malformed_template_columns") from None
+    extra = row.get("chat_template_kwargs") or {}
+    if (tools is not None and not isinstance(tools, list)) or not isinstance(extra, dict) or TEMPLATE_ARGUMENTS & extra.keys():
+        raise BadRow("malformed_template_columns")
+    return ({"tools": tools} if tools is not None else {}) | extra
+
+
+def _parse_row(row: Any, data_format: str, index: int, source: str) -> PreferencePair:
     if not isinstance(row, dict):
         raise BadRow("malformed_json")
     keys = ("prompt", "chosen", "rejected") if data_format in EXPLICIT_PROMPT_FORMATS else ("chosen", "rejected")
     if any(key not in row for key in keys):
         raise BadRow("missing_field")
+    template_kwargs = {}
     if data_format in ("conversational", "conversational_implicit"):
         values = [read_messages(row[key]) for key in keys]
+        template_kwargs = _template_kwargs(row)
     elif all(isinstance(row[key], str) for key in keys):
         values = [row[key] for key in keys]
     else:
         raise BadRow("non_string_field")
-    return SPLITTERS[data_format](*values)
+    return PreferencePair(index, *SPLITTERS[data_format](*values), template_kwargs=template_kwargs, source=source)
 
 
 def _local_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -346,14 +402,17 @@ def _table_rows(path: Path, loader: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(dataset)
 
 
-def _hub_rows(source: str, subset: str | None, split: str) -> Iterator[tuple[int, Any]]:
-    """A hub dataset, or a local directory laid out like one (e.g. harmless-base/train.jsonl.gz): the same call."""
+def _hub_rows(source: str, config: DataConfig, split: str) -> Iterator[tuple[int, Any]]:
+    """A hub dataset, or a local directory laid out like one (e.g. harmless-base/train.jsonl.gz, or configurations
+    declared in its README.md): the same call, with the configuration (`data.config_name`) and `data_dir`
+    (`data.subset`)."""
     from datasets import load_dataset
 
+    configuration = f" configuration {config.config_name!r}" if config.config_name else ""
     try:
-        dataset = load_dataset(source, data_dir=subset, split=split)
+        dataset = load_dataset(source, name=config.config_name, data_dir=config.subset, split=split)
     except Exception as error:  # noqa: BLE001 - the hub raises many types; the user needs one line
-        raise _load_error(f"dataset {source!r} (split {split!r})", error) from None
+        raise _load_error(f"dataset {source!r}{configuration} (split {split!r})", error) from None
     yield from enumerate(dataset)
 
 
@@ -386,7 +445,7 @@ def read_pairs(source: str, split: str, config: DataConfig, report: DataReport) 
         rows = _table_rows(path, loader) if loader else _json_rows(path) if source.endswith(JSON_SUFFIXES) else _local_rows(path)
         name = str(path)
     else:
-        rows = _hub_rows(source, config.subset, split)
+        rows = _hub_rows(source, config, split)
         name = f"{source}:{split}"
 
     data_format, rows = _resolve_format(rows, config.format)
@@ -397,15 +456,17 @@ def read_pairs(source: str, split: str, config: DataConfig, report: DataReport) 
         try:
             if isinstance(row, BadRow):
                 raise row
-            prompt, chosen, rejected = _parse_row(row, data_format)
+            pair = _parse_row(row, data_format, index, name)
         except BadRow as bad:
             if config.strict:
                 raise DataError(f"{name}:{index}: {DROP_REASONS[bad.reason]} (strict mode)") from None
             report.record_drop(name, bad.reason, index)
             continue
-        if _blank(chosen) or _blank(rejected):
+        if _blank(pair.chosen) or _blank(pair.rejected):
             report.record_empty_response(name, index)
-        pairs.append(PreferencePair(index, prompt, chosen, rejected))
+        if pair.template_kwargs:
+            report.template_kwargs_rows[name] = report.template_kwargs_rows.get(name, 0) + 1
+        pairs.append(pair)
     report.rows_read[name] = read
     if read == 0:
         raise DataError(f"{name}: no rows (the file is empty)")
@@ -423,6 +484,8 @@ class TextSplits:
     train: list[PreferencePair]
     val: list[PreferencePair]
     test: list[PreferencePair]
+    # Every usable pair read (the source's, then a separate test source's), in source order, sampled or not.
+    all: list[PreferencePair] = field(default_factory=list)
 
     def indices(self) -> dict[str, list[int]]:
         return {name: [pair.index for pair in getattr(self, name)] for name in ("train", "val", "test")}
@@ -430,6 +493,11 @@ class TextSplits:
 
 def load_text_splits(config: DataConfig, seed: int, report: DataReport, config_file: str = "config") -> TextSplits:
     """Sample train/val/test pairs deterministically from the seed."""
+    if config.config_name is not None and source_kind(config.source) != "dataset":
+        raise ConfigError(
+            f"data.config_name {config.config_name!r} names a configuration of a hub dataset (or of a directory laid "
+            f"out like one), but data.source {config.source!r} is not one"
+        )
     rng = random.Random(seed)
     pool = read_pairs(config.source, config.train_split, config, report)
     # A hub dataset (or a directory laid out like one) has a test split; a file's test pairs are carved from it.
@@ -448,10 +516,10 @@ def load_text_splits(config: DataConfig, seed: int, report: DataReport, config_f
             )
         test = [test_pool[i] for i in rng.sample(range(len(test_pool)), config.num_test_pairs)]
     else:
-        test = [pool[i] for i in chosen[config.num_pairs :]]
+        test_pool, test = [], [pool[i] for i in chosen[config.num_pairs :]]
     train_val = [pool[i] for i in chosen[: config.num_pairs]]
     num_val = max(1, round(config.num_pairs * config.val_fraction))
-    return TextSplits(train=train_val[num_val:], val=train_val[:num_val], test=test)
+    return TextSplits(train=train_val[num_val:], val=train_val[:num_val], test=test, all=pool + test_pool)
 
 
 def source_kind(source: str) -> str:
@@ -502,62 +570,82 @@ def use_chat_template(tokenizer, config: DataConfig, what: str) -> None:
         )
 
 
-def _chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
+def _where(pair: PreferencePair, split: str) -> str:
+    """A pair as error messages name it: its source and line (or row), else its split and index."""
+    return f"{pair.source}:{pair.index}" if pair.source else f"{split} pair {pair.index}"
+
+
+def _chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False, **template_kwargs) -> list[int]:
     return tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True, **template_kwargs
     )["input_ids"]
 
 
 def encode_pairs(
     pairs: list[PreferencePair], tokenizer, config: DataConfig, split: str
-) -> tuple[list[tuple[list[int], list[int], list[int]]], int]:
-    """(prompt_ids, chosen_ids, rejected_ids) per pair, before truncation, and how many prompts lost their end.
+) -> tuple[list[tuple[list[int], list[int], list[int]]], dict[str, int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) per pair, before truncation, exactly as TRL 1.16's DPOTrainer tokenizes
+    them, and counts of TOKENIZATION_NOTES.
 
-    Text: prompt and responses are tokenized apart, each response followed by end-of-sequence (an empty one is that
-    token alone). Messages, as TRL does: the prompt rendered with the generation prompt, each response as what
-    rendering prompt + response adds after the tokens both renderings share. A template that renders the prompt's
-    end differently when a response follows leaves that end out (as TRL does); such prompts are counted.
+    TRL tokenizes the prompt alone and prompt + response whole, and a response is what follows the tokens the prompt
+    shares with both. Text: with the tokenizer's special tokens (a BOS where the tokenizer puts one), each response
+    ending with the end-of-sequence text unless it already does; so the boundary is tokenized as the whole text is
+    (a prompt ending in a space, a response continuing the prompt's last word). Messages: the prompt rendered with
+    the generation prompt, prompt + response without, both with the row's `tools` and `chat_template_kwargs`.
+    A prompt whose last tokens differ once a response follows loses them to the responses, as in TRL: counted.
     """
     from trl.data_utils import common_prefix_length
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if not eos and any(_blank(pair.chosen) or _blank(pair.rejected) for pair in pairs):
-        empty = next(pair.index for pair in pairs if _blank(pair.chosen) or _blank(pair.rejected))
-        raise DataError(f"{split} pair {empty}: a response is empty and the tokenizer has no end-of-sequence token to score it")
+        empty = next(pair for pair in pairs if _blank(pair.chosen) or _blank(pair.rejected))
+        raise DataError(f"{_where(empty, split)}: a response is empty and the tokenizer has no end-of-sequence token to score it")
+    notes = dict.fromkeys(TOKENIZATION_NOTES, 0)
     texts = [pair for pair in pairs if isinstance(pair.prompt, str)]
+    eos_text = tokenizer.eos_token
+
+    def with_eos(response: str) -> str:
+        if eos_text is None:
+            return response
+        notes["eos_text_in_response"] += response.endswith(eos_text)
+        return response if response.endswith(eos_text) else response + eos_text
 
     def encode(parts: list[str]) -> list[list[int]]:
-        return tokenizer(parts, add_special_tokens=False)["input_ids"] if parts else []
+        return tokenizer(parts)["input_ids"] if parts else []
 
     encoded_texts = iter(zip(
         encode([p.prompt for p in texts]),
-        [ids + eos for ids in encode([p.chosen for p in texts])],
-        [ids + eos for ids in encode([p.rejected for p in texts])],
+        encode([p.prompt + with_eos(p.chosen) for p in texts]),
+        encode([p.prompt + with_eos(p.rejected) for p in texts]),
     ))  # fmt: skip
     if len(texts) < len(pairs):
         use_chat_template(tokenizer, config, f"{split} pairs")
-    encoded, prompt_end_differs = [], 0
+    encoded = []
     for pair in pairs:
         if isinstance(pair.prompt, str):
-            encoded.append(next(encoded_texts))
-            continue
-        prompt_ids = _chat_ids(tokenizer, pair.prompt, add_generation_prompt=True)
-        full = [_chat_ids(tokenizer, pair.prompt + response) for response in (pair.chosen, pair.rejected)]
+            prompt_ids, *full = next(encoded_texts)
+        else:
+            kwargs = pair.template_kwargs
+            prompt_ids = _chat_ids(tokenizer, pair.prompt, add_generation_prompt=True, **kwargs)
+            full = [_chat_ids(tokenizer, pair.prompt + response, **kwargs) for response in (pair.chosen, pair.rejected)]
         shared = min(common_prefix_length(prompt_ids, ids) for ids in full)
         if shared == 0:
-            raise DataError(f"{split} pair {pair.index}: the chat template renders the prompt differently from the start")
-        prompt_end_differs += shared < len(prompt_ids)
+            raise DataError(
+                f"{_where(pair, split)}: the prompt and prompt + response share no first token (the response merges "
+                f"with the prompt's only word, or the chat template renders them apart); end the prompt on a token boundary"
+            )
+        notes["prompt_end_left_out"] += shared < len(prompt_ids)
         encoded.append((prompt_ids[:shared], *(ids[shared:] or eos for ids in full)))
-    return encoded, prompt_end_differs
+    return encoded, notes
 
 
 def tokenize_pairs(
     pairs: list[PreferencePair], tokenizer, config: DataConfig, split: str, report: DataReport
 ) -> Dataset:
-    """Tokenize prompt and responses separately (so both responses share the exact prompt tokens) and truncate."""
+    """Tokenize every pair as TRL does (`encode_pairs`), so both responses share the exact prompt tokens, and truncate."""
     from datasets import Dataset
 
-    encoded, prompt_end_differs = encode_pairs(pairs, tokenizer, config, split)
+    encoded, notes = encode_pairs(pairs, tokenizer, config, split)
     columns: dict[str, list] = defaultdict(list)
     counts = {"prompt_cut_left": 0, "response_cut_right": 0}
     for pair, (prompt_ids, chosen_ids, rejected_ids) in zip(pairs, encoded):
@@ -572,9 +660,8 @@ def tokenize_pairs(
         columns["rejected_ids"].append(rejected_ids)
         # Length of the shared-prompt row [prompt, chosen, rejected]: what a batch pads to.
         columns["length"].append(len(prompt_ids) + len(chosen_ids) + len(rejected_ids))
-    if prompt_end_differs:
-        counts["chat_template_prompt_end_left_out"] = prompt_end_differs
     report.truncated[split] = counts
+    report.tokenization[split] = {note: count for note, count in notes.items() if count}
     report.pairs[split] = len(pairs)
     return Dataset.from_dict(dict(columns))
 
@@ -601,3 +688,23 @@ def prepare_data(splits: TextSplits, tokenizer, config: DataConfig, report: Data
         report=report,
         indices=splits.indices(),
     )
+
+
+def load_run_data(
+    config: RecipeConfig, tokenizer_source: str | None = None, tokenizer_first=contextlib.nullcontext
+) -> tuple[Any, TextSplits, DataReport]:
+    """A run's tokenizer and text splits, read as training reads them (`show-data` shows exactly these).
+
+    `tokenizer_source` (a checkpoint) wins over the config; `tokenizer_first` is entered around loading the
+    tokenizer (distributed training: the main process trains a local BPE first, the others read it).
+    """
+    from .models import load_tokenizer
+
+    report = DataReport()
+    splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
+    training_texts = [text for pair in splits.train for text in pair.texts()]
+    with tokenizer_first():
+        tokenizer = load_tokenizer(
+            config.model, training_texts, source=tokenizer_source, cache_dir=config.training.reference_cache_dir
+        )
+    return tokenizer, splits, report

@@ -29,9 +29,9 @@ from .callbacks import (
 )
 from .config import ConfigError, RecipeConfig, describe_model
 from .curves import plot_run
-from .data import DataReport, load_text_splits, prepare_data
+from .data import load_run_data, prepare_data
 from .loss import resolve_loss
-from .models import build_model, load_tokenizer, resolve_precision
+from .models import build_model, resolve_precision
 from .packing import epoch_padding, forward_batch_size, make_collator, on_gpu
 from .rundir import (
     BEST_FILE,
@@ -173,14 +173,9 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     elif epoch_dirs(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints: add --resume to continue that run, or --overwrite to start over")
 
-    report = DataReport()
-    splits = load_text_splits(config.data, config.training.seed, report, config.source_file)
     tokenizer_source = str(resume_from) if resume_from is not None else None
-    training_texts = [text for p in splits.train for text in p.texts()]
-    with state.main_process_first():  # a local BPE is trained by the main process; the others read it
-        tokenizer = load_tokenizer(
-            config.model, training_texts, source=tokenizer_source, cache_dir=config.training.reference_cache_dir
-        )
+    # A local BPE is trained by the main process; the others read it.
+    tokenizer, splits, report = load_run_data(config, tokenizer_source, state.main_process_first)
     data = prepare_data(splits, tokenizer, config.data, report)
     model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
     if state.is_main_process:
