@@ -8,7 +8,7 @@ import pytest
 
 from dpo_recipe.cli import main
 from dpo_recipe.synthetic import synthetic_rows
-from dpo_recipe.trainer import prepare_run
+from dpo_recipe.run import prepare_run
 
 from conftest import CHATML_TEMPLATE, SMOKE_CONFIG, metaspace_bos_tokenizer, write_jsonl
 
