@@ -11,6 +11,7 @@ from dpo_recipe.data import (
     BadRow,
     DataError,
     DataReport,
+    PreferencePair,
     PreparedData,
     load_text_splits,
     prepare_data,
@@ -19,6 +20,8 @@ from dpo_recipe.data import (
     tokenize_pairs,
     truncate_pair,
 )
+
+from dpo_recipe.synthetic import synthetic_rows
 
 from conftest import write_jsonl
 
@@ -109,6 +112,30 @@ def test_only_a_response_longer_than_the_limit_is_cut_from_the_right():
     assert p == prompt[-8:]
     assert c == chosen[:56] and r == rejected
     assert kinds == {"prompt_cut_left": True, "response_cut_right": True}
+
+
+def test_a_prompt_cut_from_the_left_keeps_its_bos():
+    bos, prompt, chosen = 1, [1] + list(range(100, 140)), list(range(500, 520))
+    p, c, r, kinds = truncate_pair(prompt, chosen, [7], max_length=32, min_prompt_tokens=4, keep_first=1)
+    assert p == [bos] + prompt[-11:] and c == chosen and kinds["prompt_cut_left"]
+    assert len(p) + len(c) == 32
+    # Down to min_prompt_tokens, the BOS counts as one of them.
+    p, _, _, _ = truncate_pair(prompt, list(range(500, 540)), [7], max_length=32, min_prompt_tokens=4, keep_first=1)
+    assert p == [bos] + prompt[-3:]
+
+
+def test_a_llama_style_prompt_keeps_its_bos_when_truncated():
+    from conftest import metaspace_bos_tokenizer
+
+    rows = synthetic_rows("train", 24)
+    tokenizer = metaspace_bos_tokenizer([row["chosen"] + row["rejected"] for row in rows])
+    pairs = [PreferencePair(i, *split_dialogue(row["chosen"], row["rejected"])) for i, row in enumerate(rows)]
+    report = DataReport()
+    dataset = tokenize_pairs(pairs, tokenizer, DataConfig(max_length=40, min_prompt_tokens=8), "train", report)
+    assert report.truncated["train"]["prompt_cut_left"] > 0
+    assert all(ids[0] == tokenizer.bos_token_id for ids in dataset["prompt_ids"])
+    for prompt_ids, chosen_ids, rejected_ids in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
+        assert len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) <= 40
 
 
 def test_pairs_that_fit_are_untouched():

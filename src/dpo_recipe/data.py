@@ -532,13 +532,15 @@ def source_kind(source: str) -> str:
 
 
 def truncate_pair(
-    prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int, min_prompt_tokens: int
+    prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int, min_prompt_tokens: int,
+    keep_first: int = 0,
 ) -> tuple[list[int], list[int], list[int], dict[str, bool]]:
     """Fit prompt+response into max_length for both responses without dropping the pair.
 
     The responses are what DPO learns from, so they stay whole while they fit: the prompt loses its oldest tokens
     first (down to its last `min_prompt_tokens`), and only a response longer than what is then left is cut from
-    the right.
+    the right. The prompt's first `keep_first` tokens (a BOS) survive the cut: a model pretrained with a BOS has
+    never seen a sequence without one.
     """
     longest = max(len(chosen_ids), len(rejected_ids))
     kinds = {"prompt_cut_left": False, "response_cut_right": False}
@@ -546,7 +548,8 @@ def truncate_pair(
         return prompt_ids, chosen_ids, rejected_ids, kinds
     keep = max(max_length - longest, min(len(prompt_ids), min_prompt_tokens))
     if keep < len(prompt_ids):
-        prompt_ids = prompt_ids[len(prompt_ids) - keep :]
+        head = prompt_ids[: min(keep_first, keep)]
+        prompt_ids = head + prompt_ids[len(prompt_ids) - (keep - len(head)) :]
         kinds["prompt_cut_left"] = True
     room = max_length - len(prompt_ids)
     if longest > room:
@@ -648,9 +651,11 @@ def tokenize_pairs(
     encoded, notes = encode_pairs(pairs, tokenizer, config, split)
     columns: dict[str, list] = defaultdict(list)
     counts = {"prompt_cut_left": 0, "response_cut_right": 0}
+    bos = tokenizer.bos_token_id
     for pair, (prompt_ids, chosen_ids, rejected_ids) in zip(pairs, encoded):
         prompt_ids, chosen_ids, rejected_ids, kinds = truncate_pair(
-            prompt_ids, chosen_ids, rejected_ids, config.max_length, config.min_prompt_tokens
+            prompt_ids, chosen_ids, rejected_ids, config.max_length, config.min_prompt_tokens,
+            keep_first=int(bos is not None and prompt_ids[:1] == [bos]),
         )
         for kind, happened in kinds.items():
             counts[kind] += happened
