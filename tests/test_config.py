@@ -99,3 +99,11 @@ def test_a_tiny_model_keeps_no_hub_name_and_a_named_tokenizer_stays_the_tokenize
     assert tiny.model.name_or_path is None and tiny.model.tokenizer == "gpt2"
     with pytest.raises(ConfigError, match="^--set model.name_or_path=null: model.name_or_path must name a hub model"):
         load_config(REPO / "configs" / "beta0.3.yaml", ["model.name_or_path=null"])
+
+
+def test_a_set_value_that_is_not_yaml_is_taken_as_text():
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    config = load_config(REPO / "configs" / "smoke.yaml", [f"data.chat_template={template}"])
+    assert config.data.chat_template == template
+    with pytest.raises(ConfigError, match=r"^--set training.num_epochs=\{%: training.num_epochs"):
+        load_config(REPO / "configs" / "smoke.yaml", ["training.num_epochs={%"])

@@ -278,7 +278,13 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, for example training.learning_rate=5e-5")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key.strip().split("."), None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:  # text that is not YAML (a Jinja chat template: "{% for m in messages %}...") is text
+        value = raw
+    return key.strip().split("."), value
 
 
 def _coerce(value: Any, annotation: Any, where: dict[str, str], key: str) -> Any:
