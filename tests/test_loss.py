@@ -124,7 +124,6 @@ SAME_LOSS_IN_TRL = {
     "ipo": ({"loss_type": "ipo"}, {"loss_type": ["ipo"]}),
     "hinge": ({"loss_type": "hinge"}, {"loss_type": ["hinge"]}),
     "robust": ({"loss_type": "robust", "label_smoothing": 0.1}, {"loss_type": ["robust"], "label_smoothing": 0.1}),
-    "rpo": ({"loss_type": "dpo", "rpo_alpha": 0.5}, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}),
 }
 
 
@@ -199,3 +198,82 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(tokenizer, tiny_gp
     assert logged["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert logged["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert logged["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rpo_adds_each_pairs_own_per_token_nll():
+    """Per pair, then averaged like the preference loss, so a pair's term does not depend on its batch."""
+    policy_chosen = torch.tensor([-10.0, -30.0], dtype=torch.float64)
+    policy_rejected = torch.tensor([-12.0, -29.0], dtype=torch.float64)
+    reference = torch.tensor([-11.0, -30.0], dtype=torch.float64)
+    counts = {"chosen_tokens": torch.tensor([5, 10]), "rejected_tokens": torch.tensor([6, 9])}
+    rpo = resolve_loss("dpo", rpo_alpha=0.5)
+    losses, _, _ = rpo(policy_chosen, policy_rejected, reference, reference, 0.3, **counts)
+    plain, _, _ = dpo_loss(policy_chosen, policy_rejected, reference, reference, 0.3)
+    assert (losses - plain).tolist() == pytest.approx([0.5 * 10 / 5, 0.5 * 30 / 10], rel=1e-12)
+    # Each pair alone gives the same term as in the batch.
+    for i in range(2):
+        alone = {key: value[i : i + 1] for key, value in counts.items()}
+        single = rpo(policy_chosen[i : i + 1], policy_rejected[i : i + 1], reference[i : i + 1], reference[i : i + 1], 0.3, **alone)
+        assert single[0].item() == pytest.approx(losses[i].item(), rel=1e-12)
+
+
+def test_rpo_equals_trls_sigmoid_plus_sft_on_each_pair_alone(tokenizer, tiny_gpt2, tmp_path):
+    """TRL's `sft` term is per token over a batch's chosen tokens: on a batch of one pair, our per-pair term."""
+    pairs = _tokenized_pairs(tokenizer)
+    reference = copy.deepcopy(tiny_gpt2)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for parameter in tiny_gpt2.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    policy = copy.deepcopy(tiny_gpt2)
+    trl_trainer = _PreTokenizedTRL(
+        model=tiny_gpt2, ref_model=reference, processing_class=tokenizer, train_dataset=pairs,
+        args=_arguments(tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    )
+    ours = RecipeDPOTrainer(
+        model=policy, ref_model=copy.deepcopy(reference), args=_arguments(tmp_path, precompute_ref_log_probs=True),
+        data_collator=PairCollator(tokenizer.pad_token_id), train_dataset=pairs, processing_class=tokenizer,
+        loss_fn=resolve_loss("dpo", rpo_alpha=0.5), reference_cache_dir=str(tmp_path / "cache"),
+    )
+    trl_trainer.model.train()
+    ours.model.train()
+    collate_trl = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
+    per_pair = []
+    for i in range(len(pairs)):
+        trl_loss = trl_trainer.compute_loss(trl_trainer.model, collate_trl([pairs[i]])).item()
+        our_loss = ours.compute_loss(ours.model, ours.data_collator([ours.train_dataset[i]])).item()
+        assert our_loss == pytest.approx(trl_loss, abs=2e-5)  # TRL at its own fp32 rounding
+        per_pair.append(our_loss)
+    batch = ours.data_collator([ours.train_dataset[i] for i in range(len(pairs))])
+    assert ours.compute_loss(ours.model, batch).item() == pytest.approx(sum(per_pair) / len(per_pair), abs=1e-6)
+
+
+def test_a_mixture_of_experts_model_adds_its_router_loss_as_trl_does(tokenizer, tmp_path):
+    """A 2-expert Mixtral, policy == reference: the loss is ln 2 plus router_aux_loss_coef times the load-balancing
+    loss the model's own forward computes over the same rows."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, router_aux_loss_coef=0.5,
+        max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = MixtralForCausalLM(config)
+    pairs = _tokenized_pairs(tokenizer)
+    for share_prompt in (False, True):
+        trainer = RecipeDPOTrainer(
+            model=model, args=_arguments(tmp_path, precompute_ref_log_probs=True), train_dataset=pairs,
+            data_collator=PairCollator(tokenizer.pad_token_id, share_prompt=share_prompt), processing_class=tokenizer,
+            loss_fn=dpo_loss, reference_cache_dir=str(tmp_path / "cache"),
+        )
+        assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.5
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch).item()
+        assert loss > math.log(2) + 1e-3  # the router's term is there
+        if not share_prompt:  # rows [prompt, response] with a padding mask, as the model's own forward reads them
+            with torch.no_grad():
+                own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+            assert loss == pytest.approx(math.log(2) + 0.5 * own.aux_loss.item(), abs=1e-6)

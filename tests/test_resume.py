@@ -142,6 +142,12 @@ def assert_same_weights(checkpoint: Path, expected: Path) -> None:
 def assert_same_metrics(run_dir: Path, expected_dir: Path, epochs: int = 2) -> None:
     ours, theirs = read_metrics(run_dir), read_metrics(expected_dir)
     assert [r["epoch"] for r in ours] == [r["epoch"] for r in theirs][:epochs] == list(range(1, epochs + 1))
+    # Logging steps too: the one at step 6 spans the resume at step 4, and still covers steps 1-6.
+    steps, expected_steps = read_metrics(run_dir, "step"), read_metrics(expected_dir, "step")
+    assert [r["step"] for r in steps] == [r["step"] for r in expected_steps if r["step"] <= ours[-1]["step"]]
+    for mine, reference in zip(steps, expected_steps):
+        for key, value in reference["train"].items():
+            assert math.isclose(mine["train"][key], value, rel_tol=TOLERANCE, abs_tol=TOLERANCE), (mine["step"], key)
     for mine, reference in zip(ours, theirs):
         assert mine["step"] == reference["step"]
         for split in ("train", "val"):

@@ -10,12 +10,11 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
-from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers import TrainerCallback
 
-from .rundir import EPOCH_PREFIX, append_record, apply_retention, write_best
+from .rundir import EPOCH_PREFIX, append_record, apply_retention, best_epoch, keep_last_epoch_records, read_metrics, write_best
 from .totals import LOGGED_MEANS, RunningTotals
 
 
@@ -34,16 +33,34 @@ class ShardReport(TrainerCallback):
 
 
 
-# training.best_metric as transformers logs it, and whether larger is better.
-BEST_METRIC_LOGGED = {"loss": ("eval_loss", False), "accuracy": ("eval_rewards/accuracies", True),
-                      "margin": ("eval_rewards/margins", True)}  # fmt: skip
+# training.best_metric as transformers logs it.
+BEST_METRIC_LOGGED = {"loss": "eval_loss", "accuracy": "eval_rewards/accuracies", "margin": "eval_rewards/margins"}
 
 
-class EpochRecorder(TrainerCallback):
+def epoch_number(state) -> int:
+    """The epoch a save or an epoch-end validation belongs to; a run cut short by training.max_steps saves its partial
+    last epoch under the epoch it was in."""
+    return math.ceil(state.epoch - 1e-9)
+
+
+class EpochEndFlag(TrainerCallback):
+    """Tells an epoch-end validation from those `training.eval_steps` adds within an epoch."""
+
+    at_epoch_end = False
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.at_epoch_end = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.at_epoch_end = True
+
+
+class EpochRecorder(EpochEndFlag):
     """Writes metrics.jsonl and the epoch checkpoints.
 
     At each logging step a `step` record; at each mid-epoch evaluation an `eval` record; at each epoch end the val
-    metrics, then an atomically named checkpoint, an `epoch` record, the best epoch and checkpoint retention.
+    metrics, then an atomically named checkpoint, its `epoch` record (the only one of that epoch), the best epoch and
+    checkpoint retention.
     """
 
     def __init__(self, run_dir: Path, totals: RunningTotals, best_metric: str, keep_epochs: str = "all"):
@@ -51,21 +68,14 @@ class EpochRecorder(TrainerCallback):
         self.totals = totals
         self.best_metric = best_metric
         self.keep_epochs = keep_epochs
-        self.epoch_started = 0.0
         self.train_seconds = 0.0
-        self.at_epoch_end = False
         self.train_means: dict[str, float] = {}
         self.val_means: dict[str, float] = {}
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.totals.reset("train")
-        self.epoch_started = time.perf_counter()
-        self.at_epoch_end = False
-
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.train_seconds = time.perf_counter() - self.epoch_started
+        super().on_epoch_end(args, state, control, **kwargs)
+        self.train_seconds = self.totals.elapsed("train")  # the trainer starts the window with the epoch
         self.train_means = self.totals.means("train")
-        self.at_epoch_end = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs and "rewards/accuracies" in logs:
@@ -82,8 +92,7 @@ class EpochRecorder(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        # A run cut short by training.max_steps saves its partial last epoch under the epoch it was in.
-        epoch = math.ceil(state.epoch - 1e-9)
+        epoch = epoch_number(state)
         saved = self.run_dir / f"checkpoint-{state.global_step}"
         final = self.run_dir / f"{EPOCH_PREFIX}{epoch}"
         if final.exists():
@@ -94,10 +103,12 @@ class EpochRecorder(TrainerCallback):
         train["pairs_per_s"] = train.get("pairs", 0) / seconds
         record = {"kind": "epoch", "epoch": epoch, "step": state.global_step, "train": train, "val": dict(self.val_means)}
         # The record goes first, so a committed epoch always has one; a record whose rename never happened is
-        # dropped on resume (`_forget_epochs_after`).
+        # dropped on resume (`forget_records_after`).
         append_record(self.run_dir, record)
         # The rename is the commit point: only a finished save ever carries the `epoch-` name.
         os.replace(saved, final)
+        # An epoch saved again (a training.max_steps run resumed inside it) has new weights: only their record stays.
+        keep_last_epoch_records(self.run_dir)
         write_best(self.run_dir, self.best_metric)
         apply_retention(self.run_dir, final, self.keep_epochs)
         print(_epoch_line(record), flush=True)
@@ -115,16 +126,49 @@ class StepEvaluation(TrainerCallback):
             control.should_evaluate = True
 
 
-class EpochEarlyStopping(EarlyStoppingCallback):
-    """transformers' early stopping, counting epochs: only epoch-end validation (which also picks `best`) counts,
-    not the passes `training.eval_steps` adds within an epoch."""
+class EpochEarlyStopping(EpochEndFlag):
+    """Stops training once `patience` epochs have passed since the best epoch, by epoch-end validation alone.
+
+    transformers' EarlyStoppingCallback compares with `state.best_metric`, which its Trainer also updates at the
+    validations `training.eval_steps` adds within an epoch, so an epoch-end value could lose to a mid-epoch one. Here
+    the epoch-end values are compared with each other only, and the best is `best.json`'s (`rundir.best_epoch` over
+    the same values). A resumed run reads the epochs before it from metrics.jsonl, so it goes on counting.
+    `stopped` says when it ended a run before its last epoch.
+    """
+
+    def __init__(self, run_dir: Path, metric: str, patience: int):
+        self.run_dir = Path(run_dir)
+        self.metric = metric
+        self.patience = patience
+        self.values: dict[int, float] = {}
+        self.stopped: dict | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        pass  # the parent only warns that the best model is not reloaded at the end: the `best` link names it
+        self.values = {r["epoch"]: r["val"][self.metric] for r in read_metrics(self.run_dir) if self.metric in r.get("val", {})}
 
-    def on_evaluate(self, args, state, control, metrics, **kwargs):
-        if state.epoch == int(state.epoch):
-            super().on_evaluate(args, state, control, metrics, **kwargs)
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not self.at_epoch_end or not metrics or BEST_METRIC_LOGGED[self.metric] not in metrics:
+            return
+        epoch = epoch_number(state)
+        self.values[epoch] = metrics[BEST_METRIC_LOGGED[self.metric]]
+        best = best_epoch([{"epoch": e, "val": {self.metric: v}} for e, v in sorted(self.values.items())], self.metric)
+        if epoch - best["epoch"] >= self.patience and state.global_step < state.max_steps:
+            control.should_training_stop = True
+            self.stopped = {"epoch": epoch, "best_epoch": best["epoch"], "metric": best["metric"], "patience": self.patience,
+                            "num_epochs": args.num_train_epochs}  # fmt: skip
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stopped and state.is_world_process_zero:  # after the stopped epoch's own line
+            print(early_stop_line(self.stopped), flush=True)
+
+
+def early_stop_line(stopped: dict) -> str:
+    epochs = stopped["epoch"] - stopped["best_epoch"]
+    return (
+        f"early stopping after epoch {stopped['epoch']}: {stopped['metric']} has not improved on epoch "
+        f"{stopped['best_epoch']} for {epochs} epoch{'s' if epochs > 1 else ''} (patience {stopped['patience']}); "
+        f"best epoch {stopped['best_epoch']}"
+    )
 
 
 class LogLinePrinter(TrainerCallback):

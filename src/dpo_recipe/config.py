@@ -129,13 +129,13 @@ class TrainingConfig:
 
 @dataclass
 class LossConfig:
-    # dpo, cdpo, ipo, hinge, robust (TRL's definitions), or a dotted path `package.module:function` with dpo_loss's
-    # signature.
+    # dpo, ipo, hinge, robust (TRL's definitions), cdpo (conservative DPO, not in TRL 1.16), or a dotted path
+    # `package.module:function` with dpo_loss's signature.
     type: str = "dpo"
     beta: float = 0.1
     # The assumed rate of flipped labels, for cdpo and robust (and dpo, which it turns into cdpo).
     label_smoothing: float = 0.0
-    # RPO: adds this times the chosen responses' per-token NLL to the loss (TRL's loss_type [sigmoid, sft]).
+    # RPO: adds this times each chosen response's per-token NLL to its pair's loss (see loss.with_chosen_nll).
     rpo_alpha: float | None = None
 
 

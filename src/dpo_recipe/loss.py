@@ -3,8 +3,10 @@
 Every loss takes the summed log-probabilities of the chosen (y_w) and rejected (y_l) responses under the policy and
 the reference, beta, and (keyword) each response's token count, and returns `(losses, chosen_rewards,
 rejected_rewards)`, each of shape (batch,). The implicit reward of a response is beta * (log pi_theta(y|x) -
-log pi_ref(y|x)) (DPO paper, section 5). Each built-in loss is TRL 1.16's definition of the same name, and is tested
-against TRL's own code on a real batch.
+log pi_ref(y|x)) (DPO paper, section 5). `dpo`, `ipo`, `hinge` and `robust` are TRL 1.16's definitions of the same
+name, each tested against TRL's own code on a real batch. Two are not TRL's: `dpo` with `label_smoothing` (and
+`cdpo`) is conservative DPO, which TRL 1.16's `sigmoid` does not implement (it ignores label_smoothing), tested in
+closed form; and RPO's NLL (`rpo_alpha`) is taken per pair, then averaged (see `with_chosen_nll`).
 """
 
 from __future__ import annotations
@@ -120,10 +122,13 @@ def robust_loss(
 
 
 def with_chosen_nll(loss_fn: LossFn, alpha: float) -> LossFn:
-    """RPO (Pang et al. 2024): the preference loss plus alpha times the chosen responses' negative log-likelihood.
+    """RPO (Pang et al. 2024): the preference loss plus alpha times the chosen response's negative log-likelihood.
 
-    As TRL's `loss_type=["sigmoid", "sft"]` with weights [1, alpha]: the NLL is per token over all chosen tokens of
-    the batch, so it is one value that every pair of the batch carries.
+    The NLL is per pair: each chosen response's NLL per token, so the loss stays a per-pair value that training,
+    validation and `eval` all average over pairs alike. TRL's `loss_type=["sigmoid", "sft"]` with weights [1, alpha]
+    takes it per token over all chosen tokens of a batch instead, which makes a pair's term depend on the batch it
+    lands in (the same checkpoint scored 6.46892 in validation batches and 6.46931 over the whole set); the two agree
+    on a batch of one pair, or of chosen responses of one length.
     """
 
     @functools.wraps(loss_fn)
@@ -133,7 +138,7 @@ def with_chosen_nll(loss_fn: LossFn, alpha: float) -> LossFn:
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
             chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
         )
-        nll = -policy_chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+        nll = -policy_chosen_logps / chosen_tokens.clamp(min=1)
         return losses + alpha * nll, chosen_rewards, rejected_rewards
 
     return loss_with_nll

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .config import ConfigError, ModelConfig, looks_like_local_path
+from .config import ConfigError, ModelConfig, RecipeConfig, looks_like_local_path
 
 LOCAL_BPE = "local-bpe"
 EOS_TOKEN = "<|endoftext|>"
@@ -159,3 +159,54 @@ def resolve_precision(precision: str, source: str) -> str:
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(f"{source}: training.precision fp16 needs a GPU (use auto or fp32)")
     return precision
+
+
+def lora_config(config: RecipeConfig, model: torch.nn.Module):
+    """PEFT's LoraConfig for `model.lora`, once every target module names modules of this model.
+
+    PEFT only fails when no target matches anything, with a long traceback, and only after the run directory exists;
+    a target that matches nothing, beside others that do, it would skip with a warning.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers.pytorch_utils import Conv1D
+
+    lora = config.model.lora
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [
+        target for target in lora.target_modules
+        if not any(check_target_module_exists(LoraConfig(target_modules=[target]), name) for name in names)
+    ]
+    if unmatched:
+        head = model.get_output_embeddings()
+        linear = dict.fromkeys(
+            name.split(".")[-1] for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+        )
+        raise ConfigError(
+            f"{config.origin('model.lora.target_modules')}: model.lora.target_modules {', '.join(unmatched)} "
+            f"match{'es' if len(unmatched) == 1 else ''} no module of this model; its linear layers are "
+            f"{', '.join(linear)}"
+        )
+    # GPT-2 stores its projections transposed (Conv1D); PEFT must know, or it warns and flips the flag itself.
+    transposed = any(
+        isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in lora.target_modules
+    )
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        fan_in_fan_out=transposed, task_type="CAUSAL_LM",
+    )
+
+
+def restore_adapter_dropout(model: torch.nn.Module) -> None:
+    """Give each LoRA adapter of a PEFT model its configured dropout back.
+
+    TRL's `disable_dropout` (on by default) sets every `nn.Dropout` to 0, so that log-probs do not depend on a random
+    draw. That reaches the adapter's own dropout too, which belongs to the LoRA method (`model.lora.dropout`) rather
+    than to the model, and would then be 0 while the adapter config saved with the run says otherwise.
+    """
+    for adapter, adapter_config in model.peft_config.items():
+        for module in model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict) and adapter in dropouts and isinstance(dropouts[adapter], torch.nn.Dropout):
+                dropouts[adapter].p = adapter_config.lora_dropout

@@ -378,18 +378,35 @@ def _head_log_probs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.T
     return log_probs
 
 
-def _scoring_forward(self, *args, scored_positions=None, scored_labels=None, labels=None, **kwargs):
-    """The model's forward, or with `scored_positions`: log p(label) at those flat (row, position) indices only."""
+def _router_balancing_loss(router_logits, config, token_mask: torch.Tensor) -> torch.Tensor:
+    """A mixture-of-experts model's load-balancing loss over the real tokens, computed as TRL's fused LM head computes
+    it (Mixtral's function, which every MoE family in transformers shares), without the coefficient."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text = config.get_text_config()
+    return load_balancing_loss_func(router_logits, text.num_experts, text.num_experts_per_tok, token_mask)
+
+
+def _scoring_forward(self, *args, scored_positions=None, scored_labels=None, labels=None, router_token_mask=None, **kwargs):
+    """The model's forward, or with `scored_positions`: log p(label) at those flat (row, position) indices only.
+
+    With `router_token_mask` (rows, width: the real tokens) as well, (log-probs, the router's load-balancing loss).
+    """
     if scored_positions is None:
         if labels is not None:
             kwargs["labels"] = labels
         return self._forward_before_scoring(*args, **kwargs)
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
     kwargs["use_cache"] = False
-    hidden = self.base_model(*args, **kwargs).last_hidden_state
+    if router_token_mask is not None:
+        kwargs["output_router_logits"] = True
+    outputs = self.base_model(*args, **kwargs)
     # A gather with a fixed count (bucketed), unlike a boolean mask, whose size the host must wait for.
-    hidden = hidden.flatten(0, 1).index_select(0, scored_positions)
-    return _head_log_probs(hidden, self.get_output_embeddings(), scored_labels, self.config)
+    hidden = outputs.last_hidden_state.flatten(0, 1).index_select(0, scored_positions)
+    log_probs = _head_log_probs(hidden, self.get_output_embeddings(), scored_labels, self.config)
+    if router_token_mask is None:
+        return log_probs
+    return log_probs, _router_balancing_loss(outputs.router_logits, self.config, router_token_mask)
 
 
 def install_scoring_head(model: torch.nn.Module) -> None:
@@ -429,28 +446,49 @@ def attention_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tens
     return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
 
 
-def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of each pair's chosen and rejected response, each of shape (pairs,).
+def token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(rows, width): True at each row's real tokens, False at padding, in either layout."""
+    mask = batch["attention_mask"]
+    if mask.dim() == 2:  # separate rows: the padding mask itself
+        return mask.bool()
+    # One row per pair, its real tokens first: as many as the pair has.
+    return torch.arange(mask.shape[-1], device=mask.device) < batch["pair_tokens"].to(mask.device).unsqueeze(1)
+
+
+def score_pairs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], router_aux_loss: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Summed log-probabilities of each pair's chosen and rejected response, each of shape (pairs,), and with
+    `router_aux_loss` a mixture-of-experts model's load-balancing loss over the batch's real tokens (else None).
 
     Only the scored positions go through the LM head (`install_scoring_head`), in every layout and on every device.
     Nothing here needs the host to wait for the device: the positions were listed by the collator, and bucket padding
     (slots of neither side) is masked out of the sums rather than filtered.
     """
     install_scoring_head(model)
-    token_logps = model(
+    output = model(
         input_ids=batch["input_ids"],
         attention_mask=attention_mask_for(_unwrapped(model), batch["attention_mask"]),
         position_ids=batch["position_ids"],
         scored_positions=batch["scored_positions"],
         scored_labels=batch["scored_labels"],
+        router_token_mask=token_mask(batch) if router_aux_loss else None,
     )
+    token_logps, aux_loss = output if router_aux_loss else (output, None)
     # Summed in float64: a response of a few hundred tokens loses ~1e-5 to fp32 rounding otherwise.
     token_logps = token_logps.double()
     per_pair = token_logps.new_zeros(len(batch["pair_tokens"]))
-    return tuple(
+    chosen, rejected = (
         per_pair.index_add(0, batch["scored_pairs"], torch.where(batch[side], token_logps, 0.0))
         for side in ("scored_chosen", "scored_rejected")
     )
+    return chosen, rejected, aux_loss
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each pair's chosen and rejected response (`score_pairs` without the router)."""
+    chosen, rejected, _ = score_pairs(model, batch)
+    return chosen, rejected
 
 
 @torch.no_grad()

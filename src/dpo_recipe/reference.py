@@ -2,8 +2,9 @@
 
 The reference never changes during DPO, so its log-probs are a pure function of the reference model (architecture,
 attention implementation, weights: `models.model_fingerprint`), the token ids, the layout, the precision and the code
-that lays out and scores a batch. Keyed by exactly that, one cache serves every epoch, every run of a sweep and every
-evaluation, and nothing else.
+that lays out and scores a batch: the recipe's own (`packing`) and what it runs on (torch's kernels, transformers'
+model code, TRL's chunked log-prob kernel). Keyed by exactly that, one cache serves every epoch, every run of a sweep
+and every evaluation, and nothing else: no upgrade reuses log-probs computed by other code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import transformers
+import trl
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
@@ -23,6 +26,11 @@ from . import packing
 CACHE_FORMAT = "v2"
 # The code that turns token ids into log-probs: a change to it must not reuse log-probs the old code computed.
 SCORING_CODE = hashlib.sha256(Path(packing.__file__).read_bytes()).hexdigest()[:16]
+
+
+def scoring_software() -> str:
+    """The versions of the libraries the scoring code runs on, read at each use (an upgrade can happen between runs)."""
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
@@ -35,7 +43,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 
 def cache_path(cache_dir: str | os.PathLike, model_key: str, dataset: Dataset, precision: str, layout: str) -> Path:
-    parts = (CACHE_FORMAT, SCORING_CODE, model_key, layout, dataset_fingerprint(dataset), precision)
+    parts = (CACHE_FORMAT, SCORING_CODE, scoring_software(), model_key, layout, dataset_fingerprint(dataset), precision)
     key = hashlib.sha256("|".join(parts).encode())
     return Path(cache_dir) / f"{key.hexdigest()[:24]}.safetensors"
 

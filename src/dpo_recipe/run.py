@@ -19,29 +19,29 @@ from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig
 
 from .callbacks import (
-    BEST_METRIC_LOGGED,
     EpochEarlyStopping,
     EpochRecorder,
     InterruptGuard,
     LogLinePrinter,
     ShardReport,
     StepEvaluation,
+    early_stop_line,
 )
 from .config import ConfigError, RecipeConfig, describe_model
 from .curves import plot_run
 from .data import load_run_data, prepare_data
 from .loss import resolve_loss
-from .models import build_model, resolve_precision
+from .models import build_model, lora_config, resolve_precision
 from .packing import epoch_padding, forward_batch_size, make_collator, on_gpu
 from .rundir import (
     BEST_FILE,
-    EPOCH_PREFIX,
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
     TENSORBOARD_DIR,
     atomic_write,
+    checkpoint_epoch,
     epoch_dirs,
-    forget_epochs_after,
+    forget_records_after,
     latest_checkpoint,
     reference_dir,
     write_best,
@@ -73,7 +73,6 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
     micro, accumulation = batch_plan(config, world_size)
     training = config.training
     report_to = [target for target in config.logging.report_to if target != "jsonl"]  # metrics.jsonl is ours
-    best_metric = BEST_METRIC_LOGGED[training.best_metric]
     forward_batch = forward_batch_size(training.eval_batch_size)
     compile_model = on_gpu() if training.torch_compile is None else training.torch_compile
     return DPOConfig(
@@ -104,11 +103,8 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         **{CHECKPOINTING_ARGUMENT: training.gradient_checkpointing},
         torch_compile=compile_model,
         torch_compile_mode=training.compile_mode if compile_model else None,
+        # No metric_for_best_model: `best.json` (rundir.best_epoch) is the one notion of "best", early stopping's too.
         eval_strategy="epoch",
-        # What early stopping watches; only set when it is on, so a plain run keeps no second notion of "best".
-        metric_for_best_model=best_metric[0] if training.early_stopping_patience else None,
-        greater_is_better=best_metric[1] if training.early_stopping_patience else None,
-        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter resumes where it was
         save_strategy="epoch",
         logging_steps=training.logging_steps,
         report_to=report_to,
@@ -129,6 +125,27 @@ class PreparedRun:
     trainer: RecipeDPOTrainer
     guard: InterruptGuard
     resume_from: Path | None
+    early_stopping: EpochEarlyStopping | None = None
+
+
+class AlreadyStopped(Exception):
+    """`--resume` of a run that early stopping ended, with nothing raised that would let it go on: not an error."""
+
+
+def check_not_early_stopped(run_dir: Path, checkpoint: Path, config: RecipeConfig) -> None:
+    """Raise AlreadyStopped when early stopping ended the run at `checkpoint` and neither training.num_epochs nor
+    the patience (or switching it off) gives it more epochs now."""
+    info = run_dir / RUN_INFO_FILE
+    stopped = json.loads(info.read_text()).get("early_stopped") if info.is_file() else None
+    if not stopped or stopped["epoch"] != checkpoint_epoch(checkpoint):
+        return
+    patience = config.training.early_stopping_patience
+    if config.training.num_epochs > stopped["num_epochs"] or not patience or patience > stopped["patience"]:
+        return
+    raise AlreadyStopped(
+        f"nothing to resume: {early_stop_line(stopped)}. Raise training.num_epochs (was {stopped['num_epochs']}) or "
+        f"training.early_stopping_patience (was {stopped['patience']}) to train on"
+    )
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
@@ -164,6 +181,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
+        check_not_early_stopped(run_dir, resume_from, config)
         print(f"resuming {run_dir} from {resume_from.name} (step {_checkpoint_step(resume_from)})", flush=True)
     elif config.training.overwrite:  # every process takes this branch, so the barrier below is always matched
         if state.is_main_process and run_dir.is_dir():
@@ -178,6 +196,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     tokenizer, splits, report = load_run_data(config, tokenizer_source, state.main_process_first)
     data = prepare_data(splits, tokenizer, config.data, report)
     model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
+    peft_config = lora_config(config, model) if config.model.lora is not None else None  # before the run directory
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         data.write(run_dir)
@@ -191,27 +210,13 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
             model.save_pretrained(reference_dir(run_dir))
             tokenizer.save_pretrained(reference_dir(run_dir))
         if resume_from is not None:
-            forget_epochs_after(run_dir, int(resume_from.name[len(EPOCH_PREFIX) :]))
+            forget_records_after(run_dir, _checkpoint_step(resume_from))
             write_best(run_dir, config.training.best_metric)
     state.wait_for_everyone()
 
     if "wandb" in config.logging.report_to:
         os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
         os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
-    peft_config = None
-    if config.model.lora is not None:
-        from peft import LoraConfig
-        from transformers.pytorch_utils import Conv1D
-
-        lora = config.model.lora
-        # GPT-2 stores its projections transposed (Conv1D); PEFT must know, or it warns and flips the flag itself.
-        transposed = any(
-            isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in lora.target_modules
-        )
-        peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            fan_in_fan_out=transposed, task_type="CAUSAL_LM",
-        )
 
     micro, _ = batch_plan(config, state.num_processes)
     training = config.training
@@ -239,8 +244,10 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     )
     if config.training.eval_steps:
         trainer.add_callback(StepEvaluation(config.training.eval_steps))
+    early_stopping = None
     if config.training.early_stopping_patience:
-        trainer.add_callback(EpochEarlyStopping(config.training.early_stopping_patience))
+        early_stopping = EpochEarlyStopping(run_dir, config.training.best_metric, config.training.early_stopping_patience)
+        trainer.add_callback(early_stopping)
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:  # not under the env's choice
             callback.logging_dir = str(run_dir / TENSORBOARD_DIR)
@@ -261,7 +268,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         print(batching_line(trainer), flush=True)
         hits = ", ".join(f"{name} {'reused' if hit else 'computed'}" for name, hit in trainer.reference_cache_hits.items())
         print(f"reference log-probs: {hits} (cache {config.training.reference_cache_dir})", flush=True)
-    return PreparedRun(trainer, guard, resume_from)
+    return PreparedRun(trainer, guard, resume_from, early_stopping)
 
 
 def batching_line(trainer: RecipeDPOTrainer) -> str:
@@ -307,13 +314,22 @@ def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
         }
     )
     info["wall_seconds"] = round(sum(session["wall_seconds"] for session in info["sessions"]), 1)
+    # How the run ended, as of this session: early stopping's epoch, best epoch and patience, or absent.
+    info.pop("early_stopped", None)
+    if run.early_stopping is not None and run.early_stopping.stopped:
+        info["early_stopped"] = run.early_stopping.stopped
     atomic_write(path, json.dumps(info, indent=2))
 
 
 def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> int:
     """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
     started = time.perf_counter()
-    run = prepare_run(config, resume, verbose)
+    try:
+        run = prepare_run(config, resume, verbose)
+    except AlreadyStopped as stopped:
+        if PartialState().is_main_process:
+            print(stopped, flush=True)
+        return 0
     try:
         run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     finally:

@@ -4,12 +4,13 @@
       config.yaml            the resolved config (its --set overrides included)
       data_report.json       every row read, dropped or truncated, by reason
       data_indices.json      which source rows went to train / val / test
-      metrics.jsonl          one record per line: `epoch`, `step` and `eval` (see RECORD_KINDS)
+      metrics.jsonl          one record per line: `epoch` (one per epoch), `step` and `eval` (see RECORD_KINDS)
       epoch-<k>/             a complete checkpoint; the name is only ever given to a finished save
+        running_totals.json  the epoch's and the log line's running sums, for resuming inside them
         eval_<data>.json     evaluation of that checkpoint on a dataset
-      best -> epoch-<k>      the best epoch by validation, with best.json saying by what
+      best -> epoch-<k>      the best epoch by validation, with best.json saying by what (and its weights' step)
       reference/             the starting model, when it was built locally (evaluation's reference)
-      run_info.json          each training session's wall time, device and software
+      run_info.json          each training session's wall time, device and software; how early stopping ended it
       tensorboard/           event files, when logging.report_to has tensorboard
 
 Training, evaluation and reporting all read and write through these names and functions.
@@ -36,9 +37,10 @@ TEST_DATASET = "test"
 RUN_INFO_FILE = "run_info.json"
 TENSORBOARD_DIR = "tensorboard"
 REFERENCE_DIR = "reference"
+TOTALS_FILE = "running_totals.json"
 # Files in a checkpoint that only resuming reads; kept in the newest epoch alone. Optimizer state (Adam's two moments)
 # is twice the size of the weights; FSDP's model shards repeat model.safetensors.
-RESUME_ONLY_PREFIXES = ("optimizer", "scaler", "pytorch_model_fsdp")
+RESUME_ONLY_PREFIXES = ("optimizer", "scaler", "pytorch_model_fsdp", "running_totals")
 
 
 def eval_file_name(dataset: str) -> str:
@@ -60,22 +62,41 @@ def epoch_dirs(run_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-# metrics.jsonl holds one record per line: `epoch` (train and val means of a whole epoch, with its checkpoint), `step`
-# (the training means of one logging window) and `eval` (a validation pass every `training.eval_steps` steps).
+# metrics.jsonl holds one record per line: `epoch` (train and val means of a whole epoch, with its checkpoint; one
+# per epoch), `step` (the training means of one logging window) and `eval` (a validation pass every
+# `training.eval_steps` steps).
 RECORD_KINDS = ("epoch", "step", "eval")
 
 
-def read_metrics(run_dir: Path, kind: str = "epoch") -> list[dict]:
+def _all_records(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [record for record in records if record.get("kind", "epoch") == kind]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _write_records(run_dir: Path, records: list[dict]) -> None:
+    atomic_write(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_metrics(run_dir: Path, kind: str = "epoch") -> list[dict]:
+    return [record for record in _all_records(run_dir) if record.get("kind", "epoch") == kind]
 
 
 def append_record(run_dir: Path, record: dict) -> None:
     with open(Path(run_dir) / METRICS_FILE, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def _is_epoch(record: dict) -> bool:
+    return record.get("kind", "epoch") == "epoch"
+
+
+def keep_last_epoch_records(run_dir: Path) -> None:
+    """One `epoch` record per epoch: the last one written, which describes the weights saved last under its name."""
+    records = _all_records(run_dir)
+    last = {r["epoch"]: i for i, r in enumerate(records) if _is_epoch(r)}
+    kept = [r for i, r in enumerate(records) if not _is_epoch(r) or last[r["epoch"]] == i]
+    if len(kept) < len(records):
+        _write_records(run_dir, kept)
 
 
 BEST_DIRECTION = {"loss": min, "accuracy": max, "margin": max}
@@ -86,7 +107,10 @@ def best_epoch(records: list[dict], metric: str) -> dict | None:
     if not scored:
         return None
     best = BEST_DIRECTION[metric](scored, key=lambda r: r["val"][metric])
-    return {"epoch": best["epoch"], "metric": f"val_{metric}", "value": best["val"][metric], "checkpoint": f"{EPOCH_PREFIX}{best['epoch']}"}
+    return {
+        "epoch": best["epoch"], "step": best.get("step"), "metric": f"val_{metric}", "value": best["val"][metric],
+        "checkpoint": f"{EPOCH_PREFIX}{best['epoch']}",
+    }
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -116,15 +140,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def forget_epochs_after(run_dir: Path, epoch: int) -> None:
-    """A resumed run rewrites what came after its checkpoint, so stale records must not linger."""
-    kept_epochs = [r for r in read_metrics(run_dir) if r["epoch"] <= epoch]
-    last_step = kept_epochs[-1]["step"] if kept_epochs else 0
-    lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines() if (Path(run_dir) / METRICS_FILE).is_file() else []
-    records = [json.loads(line) for line in lines if line.strip()]
-    records = [r for r in records if (r in kept_epochs if r.get("kind", "epoch") == "epoch" else r["step"] <= last_step)]
-    atomic_write(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
-    for path in run_dir.glob("checkpoint-*"):  # a save that never completed
+def forget_records_after(run_dir: Path, step: int) -> None:
+    """A run resumed from its checkpoint at optimizer step `step` rewrites what came after, so no record of a later
+    step may linger: neither one whose save never completed nor one of a run that went on (an epoch record written
+    just before its checkpoint's rename is one). Of an epoch saved twice, the record kept is the last one."""
+    _write_records(run_dir, [r for r in _all_records(run_dir) if r["step"] <= step])
+    keep_last_epoch_records(run_dir)
+    for path in Path(run_dir).glob("checkpoint-*"):  # a save that never completed
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -5,7 +5,8 @@ What it changes, and why:
 - batches use `packing.PairCollator`: the prompt is computed once per pair, and length grouping limits padding;
 - reference log-probs are computed once and cached on disk (`reference`), so no epoch or sweep run redoes them;
 - the loss is the configured pure function from `dpo_recipe.loss`;
-- every logged mean is an exact per-pair mean (`totals`);
+- every logged mean is an exact per-pair mean (`totals`), each pair counted once per pass;
+- a LoRA adapter keeps its dropout, which TRL's `disable_dropout` would zero with the model's;
 - an FSDP launch shards on CPU too (accelerate engages FSDP on GPUs only), and FSDP epoch checkpoints also hold the
   whole model, so every command loads them as ordinary HF model directories.
 Everything else (optimizer, schedule, mixed precision, DDP/FSDP/DeepSpeed, saving, resuming) is TRL/Trainer's own.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,15 +31,17 @@ from accelerate.utils import (
     is_peft_model,
     parse_flag_from_env,
 )
+from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
-from .models import model_fingerprint
-from .packing import LengthBucketSampler, dataset_pair_logps, install_scoring_head, pair_logps, row_lengths
+from .models import model_fingerprint, restore_adapter_dropout
+from .packing import LengthBucketSampler, dataset_pair_logps, install_scoring_head, row_lengths, score_pairs
 from .reference import cache_path, cached_reference_logps, with_reference_columns
-from .rundir import BEST_LINK
+from .rundir import BEST_LINK, TOTALS_FILE, atomic_write
 from .totals import LOGGED_MEANS, RunningTotals
 
 
@@ -79,8 +84,12 @@ class RecipeDPOTrainer(DPOTrainer):
         super().__init__(*args, model=model, ref_model=copy.deepcopy(model) if copied else ref_model, **kwargs)
         if copied:
             self.ref_model = None
+        if self.args.disable_dropout and is_peft_model(self.model):
+            restore_adapter_dropout(self.model)
         # Before accelerate prepares the model, so its mixed-precision autocast surrounds the scoring forward too.
         install_scoring_head(self.model)
+        self._resumed_totals: dict | None = None
+        self.add_callback(_EpochWindow(self))
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -163,12 +172,16 @@ class RecipeDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        chosen_logps, rejected_logps = pair_logps(model, inputs)
+        # Mixture-of-experts models: their router's load-balancing loss joins the loss, weighted as TRL weighs it
+        # (`router_aux_loss_coef`: DPOConfig's, else the model config's).
+        chosen_logps, rejected_logps, aux_loss = score_pairs(model, inputs, router_aux_loss=self.aux_loss_enabled)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
             chosen_logps, rejected_logps, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], self.beta,
             chosen_tokens=inputs["chosen_tokens"], rejected_tokens=inputs["rejected_tokens"],
         )
         loss = losses.mean()
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss
         per_pair = torch.stack(
             [
                 losses.detach(),
@@ -183,9 +196,10 @@ class RecipeDPOTrainer(DPOTrainer):
             ],
             dim=1,
         ).double()
-        # Per pair, not per process: gather_for_metrics drops the pairs accelerate repeats to even out the last batch
-        # across processes, so each real pair counts once. The sums stay on the device until a window is read.
-        stats = self.accelerator.gather_for_metrics(per_pair).sum(dim=0)
+        # Per pair, not per process, and each pair of the pass once: the pairs accelerate repeats to even out the last
+        # batches are left out by count (`RunningTotals.real_pairs`). The sums stay on the device until a window is read.
+        gathered = self.accelerator.gather(per_pair)
+        stats = gathered[: self.totals.real_pairs("train" if mode == "train" else "eval", gathered.shape[0])].sum(dim=0)
         where = f"optimizer step {self.state.global_step + 1}" if mode == "train" else "evaluation"
         windows = ("train", "log") if mode == "train" else ("eval",)
         self.totals.record(windows, f"{where} (epoch {self.state.epoch or 0:.2f})", stats)
@@ -194,11 +208,27 @@ class RecipeDPOTrainer(DPOTrainer):
     def _save_checkpoint(self, model, trial):
         self.totals.flush()  # a step that diverged since the last read raises here, before anything is written
         super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # inside the checkpoint, before callbacks commit it
+            checkpoint = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            atomic_write(checkpoint / TOTALS_FILE, json.dumps(self.totals.snapshot()))
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        saved = Path(resume_from_checkpoint) / TOTALS_FILE if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+        self._resumed_totals = json.loads(saved.read_text()) if saved is not None and saved.is_file() else None
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.totals.flush()
         return output
+
+    def _start_epoch_window(self, state) -> None:
+        """The `train` window starts with each epoch. A resumed run goes on with the windows its checkpoint kept: the
+        log window always, and the epoch's too when the checkpoint was saved inside an epoch (`training.max_steps`),
+        so that epoch's means still cover all of its pairs."""
+        resumed, self._resumed_totals = self._resumed_totals, None
+        inside_an_epoch = resumed is not None and state.epoch % 1 != 0
+        if resumed is not None:
+            self.totals.restore(resumed, ("train", "log") if inside_an_epoch else ("log",))
+        if not inside_an_epoch:
+            self.totals.reset("train", len(self.train_dataset))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
@@ -226,9 +256,11 @@ class RecipeDPOTrainer(DPOTrainer):
             self.totals.reset("log")
         super(DPOTrainer, self).log(logs, start_time)  # transformers' Trainer.log, past TRL's averaging
 
-    def evaluate(self, *args, **kwargs):
-        self.totals.reset("eval")
-        metrics = super().evaluate(*args, **kwargs)
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        dataset = self.eval_dataset[dataset] if isinstance(dataset, str) else dataset
+        self.totals.reset("eval", None if isinstance(dataset, dict) else len(dataset))
+        metrics = super().evaluate(eval_dataset, *args, **kwargs)
         self.totals.flush()
         return metrics
 
@@ -249,6 +281,16 @@ class RecipeDPOTrainer(DPOTrainer):
             return super()._get_eval_sampler(eval_dataset)
         lengths = eval_dataset["length"]
         return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+class _EpochWindow(TrainerCallback):
+    """Starts each epoch's `train` window in the trainer that added it (`RecipeDPOTrainer._start_epoch_window`)."""
+
+    def __init__(self, trainer: RecipeDPOTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer._start_epoch_window(state)
 
 
 def fsdp_requested() -> bool:
