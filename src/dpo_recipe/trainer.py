@@ -260,7 +260,10 @@ class RecipeDPOTrainer(DPOTrainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         dataset = self.eval_dataset[dataset] if isinstance(dataset, str) else dataset
         self.totals.reset("eval", None if isinstance(dataset, dict) else len(dataset))
-        metrics = super().evaluate(eval_dataset, *args, **kwargs)
+        # Each evaluation's DataLoader draws a seed from torch's global generator; without the fork, turning
+        # `training.eval_steps` on would change the batch order of every later epoch, so not the same training.
+        with torch.random.fork_rng(devices=[]):
+            metrics = super().evaluate(eval_dataset, *args, **kwargs)
         self.totals.flush()
         return metrics
 
