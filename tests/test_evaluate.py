@@ -19,15 +19,14 @@ from dpo_recipe.data import DataError, DataReport, load_text_splits
 from dpo_recipe.evaluate import (
     RunEvaluator,
     RunScorer,
-    SamplingSettings,
     bootstrap_ci,
     evaluate_paths,
     find_checkpoints,
     preference_metrics,
     rank_responses,
     read_rank_triples,
-    write_generations,
 )
+from dpo_recipe.generate import SamplingSettings, write_generations
 from dpo_recipe.models import build_model, model_fingerprint
 from dpo_recipe.packing import PairCollator
 from dpo_recipe.rundir import reference_dir

@@ -75,7 +75,7 @@ def _command_rank(args) -> int:
 
 
 def _command_generate(args) -> int:
-    from .evaluate import SamplingSettings, write_generations
+    from .generate import SamplingSettings, write_generations
 
     settings = SamplingSettings(args.num_prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     print(f"wrote {write_generations(args.checkpoint, settings, args.out, args.reference, args.data, args.prompts)}")
