@@ -283,6 +283,8 @@ def test_a_conversational_file_trains_evaluates_ranks_and_generates_end_to_end(t
     out = capsys.readouterr().out
     assert "  format  conversational" in out and "  kept        1  empty_response" in out
     assert json.loads((run / "data_report.json").read_text())["formats"] == {str(data): "conversational"}
+    card = (run / "README.md").read_text()  # its usage example passes chat messages, as it trained on
+    assert 'prompt = [{"role": "user", "content": "How do I bake bread?"}]' in card and f'model="{run / "best"}"' in card
 
     assert main(["eval", str(run)]) == 0
     assert json.loads((run / "best" / "eval_test.json").read_text())["pairs"] == 12

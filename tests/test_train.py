@@ -46,6 +46,14 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
     assert records[-1]["val"]["accuracy"] > 0.6  # the preference was learned
     card = (run_dir / "README.md").read_text()
     assert "a fine-tuned version of GPT-2 from config, random init (n_layer=2" in card and "None" not in card
+    # Usage in the format it trained on: hh-rlhf turns, no chat messages (its tokenizer has no chat template).
+    assert '"role"' not in card and 'prompt = "\\n\\nHuman: How do I bake bread?\\n\\nAssistant:"' in card
+    assert f'pipeline("text-generation", model="{run_dir / "best"}")' in card
+    best = json.loads((run_dir / "best.json").read_text())
+    assert "- **Data**: synthetic, read as `hh-rlhf`: 192 train / 48 val / 48 test pairs" in card
+    assert "- **Loss**: dpo, β 0.3" in card and "learning rate 0.001" in card and "3 epochs configured, 3 trained" in card
+    assert f"- **Best epoch**: {best['epoch']} (by val loss); validation loss {best['value']:.4f}" in card
+    assert card.count("\n| 3 | 36 | ") == 1  # a row per epoch, the last one written after the last save
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["wall_seconds"] > 0 and info["sessions"][0]["device"].startswith("CPU")
     assert info["sessions"][0]["precision"] == "fp32" and info["sessions"][0]["processes"] == 1
@@ -101,7 +109,7 @@ def _merged_model_scores_like_its_adapter(config, adapter_checkpoint, merged_dir
     assert capsys.readouterr().err.strip() == (
         f"error: {merged_dir}: no run config.yaml beside this model directory, so give --reference (the model it was "
         "trained from: a local directory or hub id; for a merged LoRA run, checkpoints/<run>/reference or its base "
-        "model) and --beta (default 0.1)"
+        "model) and --beta (its scoring.json gives 0.3)"
     )
     assert main(["eval", str(merged_dir), "--reference", reference, "--beta", "0.3"]) == 2
     assert "give --data FILE" in capsys.readouterr().err

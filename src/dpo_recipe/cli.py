@@ -54,7 +54,10 @@ def _command_print_config(args) -> int:
 def _command_eval(args) -> int:
     from .evaluate import eval_table, evaluate_paths
 
-    results = evaluate_paths(args.paths, args.all_epochs, args.data, args.batch_size, reference=args.reference, beta=args.beta)
+    results = evaluate_paths(
+        args.paths, args.all_epochs, args.data, args.batch_size, reference=args.reference, beta=args.beta,
+        data_format=args.format,
+    )
     print(eval_table(results))
     print("\n".join(f"wrote {r['path']}" for r in results))
     return 0
@@ -70,7 +73,7 @@ def _command_rank(args) -> int:
         triples = [{"prompt": args.prompt, "response_a": args.response_a, "response_b": args.response_b}]
     else:
         raise ConfigError("rank: give --pairs FILE, or all of --prompt, --response-a and --response-b")
-    print(rank_table(rank_responses(args.checkpoint, triples, reference=args.reference, beta=args.beta)))
+    print(rank_table(rank_responses(args.checkpoint, triples, reference=args.reference, beta=args.beta, data_format=args.format)))
     return 0
 
 
@@ -78,7 +81,8 @@ def _command_generate(args) -> int:
     from .generate import SamplingSettings, write_generations
 
     settings = SamplingSettings(args.num_prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    print(f"wrote {write_generations(args.checkpoint, settings, args.out, args.reference, args.data, args.prompts)}")
+    out = write_generations(args.checkpoint, settings, args.out, args.reference, args.data, args.prompts, args.format)
+    print(f"wrote {out}")
     return 0
 
 
@@ -98,12 +102,22 @@ def _command_report(args) -> int:
 
 def _outside_a_run_arguments(parser: argparse.ArgumentParser, beta: bool = True) -> None:
     """What a run's config.yaml records, for a model directory that belongs to no run (a `merge` output, any HF model)."""
+    from .config import DATA_FORMATS
+
     parser.add_argument(
         "--reference", metavar="PATH_OR_HUB_ID",
         help="model directory outside a run: the model it was trained from, scored as the reference",
     )
     if beta:
-        parser.add_argument("--beta", type=float, help="model directory outside a run: β of the implicit reward (default 0.1)")
+        parser.add_argument(
+            "--beta", type=float,
+            help="model directory outside a run: β of the implicit reward (default: its scoring.json's, else 0.1)",
+        )
+    parser.add_argument(
+        "--format", choices=DATA_FORMATS, metavar="FORMAT",
+        help="model directory the recipe did not write (no scoring.json): the data format it reads, as data.format "
+        f"({', '.join(DATA_FORMATS)}; default auto: data files by their columns, your prompts as hh-rlhf turns)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

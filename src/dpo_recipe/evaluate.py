@@ -10,7 +10,9 @@ Policy and reference samples side by side are `generate`'s, which scores nothing
 Everything is read back from what training left in the run directory: the resolved `config.yaml`, the tokenizer
 saved with each checkpoint, `data_indices.json`, and (for locally built models) the initial model in `reference/`.
 A model directory outside any run (a `merge` output, any Hugging Face model) has none of that, so the caller names
-its reference model (`--reference`), β (`--beta`) and, to evaluate or sample, its pairs (`--data`).
+its reference model (`--reference`) and, to evaluate or sample, its pairs (`--data`). How it reads data (format,
+lengths) and its loss and β come from the `scoring.json` every model directory the recipe writes carries; any
+other model directory takes `--format` and `--beta`.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ from .rundir import (
     ADAPTER_CONFIG_FILE,
     BEST_FILE,
     DATA_INDICES_FILE,
-    DATA_REPORT_FILE,
     RUN_CONFIG_FILE,
+    SCORING_FILE,
     TEST_DATASET,
     checkpoint_epoch,
     eval_file_name,
@@ -58,7 +60,11 @@ from .rundir import (
     is_checkpoint,
     is_run_dir,
     load_run_config,
+    read_scoring_settings,
     reference_dir,
+    scoring_settings,
+    trained_format,
+    write_scoring_settings,
 )
 
 if TYPE_CHECKING:
@@ -134,32 +140,46 @@ def model_context(model_dir: Path) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def scoring_config(checkpoint: Path, reference: str | None = None, beta: float | None = None) -> tuple[RecipeConfig, Path]:
+def scoring_config(
+    checkpoint: Path, reference: str | None = None, beta: float | None = None, data_format: str | None = None
+) -> tuple[RecipeConfig, Path]:
     """The config and directory that score a checkpoint: its run's, or for a model directory outside any run one made
-    from `reference` (the model it was trained from) and `beta`, with the recipe's defaults for everything else."""
+    from `reference` (the model it was trained from) and the directory's `scoring.json` (how its run read data and
+    scored pairs: a `merge` output, or an epoch copied out of its run); `beta` and `data_format` stand in for it in a
+    model directory the recipe did not write. Everything else takes the recipe's defaults."""
     run_dir = checkpoint.resolve().parent
     if is_run_dir(run_dir):
-        if reference is not None or beta is not None:
+        if reference is not None or beta is not None or data_format is not None:
             raise ConfigError(
-                f"{checkpoint}: --reference and --beta are for model directories outside a run; this checkpoint's run "
-                f"({run_dir}) records both in its {RUN_CONFIG_FILE}"
+                f"{checkpoint}: --reference, --beta and --format are for model directories outside a run; this "
+                f"checkpoint's run ({run_dir}) records them in its {RUN_CONFIG_FILE}"
             )
         return load_run_config(run_dir), run_dir
+    recorded = read_scoring_settings(checkpoint)
+    if recorded is not None and data_format is not None:
+        raise ConfigError(
+            f"{checkpoint}: --format is for model directories that do not record their format; this one was trained "
+            f"on {recorded['data']['trained_format']} data (its {SCORING_FILE})"
+        )
+    beta_default = f"its {SCORING_FILE} gives {recorded['loss']['beta']:g}" if recorded else f"default {LossConfig.beta}"
     if reference is None:
         raise ConfigError(
             f"{checkpoint}: no run {RUN_CONFIG_FILE} beside this model directory, so give --reference (the model it was "
             f"trained from: a local directory or hub id; for a merged LoRA run, checkpoints/<run>/reference or its base "
-            f"model) and --beta (default {LossConfig.beta})"
+            f"model) and --beta ({beta_default})"
         )
     if beta is not None and not beta > 0:
         raise ConfigError(f"--beta must be > 0 (got {beta})")
-    context = model_context(checkpoint)
-    config = RecipeConfig(
-        run_name=checkpoint.resolve().name,
-        model=ModelConfig(name_or_path=reference),
-        data=DataConfig(max_length=min(DataConfig.max_length, context or DataConfig.max_length)),
-        loss=LossConfig(beta=LossConfig.beta if beta is None else beta),
-    )
+    if recorded is not None:
+        data = DataConfig(**{key: value for key, value in recorded["data"].items() if key != "trained_format"})
+        loss = LossConfig(**recorded["loss"])
+    else:
+        context = model_context(checkpoint)
+        data = DataConfig(format=data_format or "auto", max_length=min(DataConfig.max_length, context or DataConfig.max_length))
+        loss = LossConfig()
+    if beta is not None:
+        loss.beta = beta
+    config = RecipeConfig(run_name=checkpoint.resolve().name, model=ModelConfig(name_or_path=reference), data=data, loss=loss)
     config.source_file = f"{checkpoint} (with --reference {reference})"
     return config, checkpoint.resolve()
 
@@ -200,7 +220,9 @@ def merge_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     model = load_policy_model(config, checkpoint.parent, checkpoint, tokenizer, fused_lm_head=False).merge_and_unload()
     out = Path(out)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)  # with the chat template the run rendered its messages with
+    # Outside the run, the merged model still reads data and scores pairs as its run did (see `scoring_config`).
+    write_scoring_settings(out, scoring_settings(config, trained_format(checkpoint.parent, config.data)))
     return out
 
 
@@ -265,12 +287,8 @@ class RunScorer:
 
     @property
     def data_format(self) -> str:
-        """The format the run's data was read in: as configured, or as detected and recorded in data_report.json."""
-        if self.config.data.format != "auto":
-            return self.config.data.format
-        report = self.run_dir / DATA_REPORT_FILE
-        formats = json.loads(report.read_text()).get("formats", {}) if report.is_file() else {}
-        return next(iter(formats.values()), "hh-rlhf")
+        """The format the model was trained on, which prompts given on the command line are shaped in."""
+        return trained_format(self.run_dir, self.config.data)
 
     def tokenize(self, pairs: list[PreferencePair], split: str, report: DataReport) -> Dataset:
         return tokenize_pairs(pairs, self.tokenizer, self.config.data, split, report)
@@ -395,17 +413,18 @@ def evaluate_paths(
     bootstrap_samples: int = BOOTSTRAP_SAMPLES,
     reference: str | None = None,
     beta: float | None = None,
+    data_format: str | None = None,
 ) -> list[dict]:
     """Evaluate every checkpoint the paths name, one run at a time so each run loads its data and reference once.
 
-    A model directory outside any run is scored against `reference` at `beta`, on `data_source`.
+    A model directory outside any run is scored against `reference`, on `data_source` (see `scoring_config`).
     """
     by_run: dict[Path, tuple[RecipeConfig, list[Path]]] = {}
     for path in paths:
         for checkpoint in find_checkpoints(path, all_epochs):
             run_dir = checkpoint.parent if is_run_dir(checkpoint.parent) else checkpoint
             if run_dir not in by_run:
-                config, _ = scoring_config(checkpoint, reference, beta)
+                config, _ = scoring_config(checkpoint, reference, beta, data_format)
                 if run_dir == checkpoint and data_source is None:
                     raise ConfigError(f"{path}: a model directory outside any run has no test pairs; give --data FILE")
                 by_run[run_dir] = (config, [])
@@ -468,7 +487,10 @@ def rank_pair(index: int, triple: dict, data_format: str) -> PreferencePair:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return PreferencePair(index, messages, *([{"role": "assistant", "content": r.strip()}] for r in (a, b)))
     if not isinstance(prompt, str):
-        raise DataError(f"rank: the prompt of pair {index + 1} is a message list, but the run was trained on {data_format} text")
+        raise DataError(
+            f"rank: the prompt of pair {index + 1} is a message list, but the model was trained on {data_format} text "
+            "(a model directory outside a run that records no format takes --format)"
+        )
     if data_format == "hh-rlhf":
         return PreferencePair(index, *as_dialogue(prompt, a), as_dialogue(prompt, b)[1])
     return PreferencePair(index, prompt, *(r if r.strip() else "" for r in (a, b)))
@@ -543,10 +565,12 @@ def read_rank_triples(path: str | Path) -> list[dict[str, Any]]:
     return triples
 
 
-def scorer_for(checkpoint: Path, reference: str | None, beta: float | None, batch_size: int | None = None) -> RunScorer:
+def scorer_for(
+    checkpoint: Path, reference: str | None, beta: float | None, data_format: str | None, batch_size: int | None = None
+) -> RunScorer:
     if not is_checkpoint(checkpoint):
         raise ConfigError(f"{checkpoint}: not a model directory (no config.json or {ADAPTER_CONFIG_FILE})")
-    config, run_dir = scoring_config(checkpoint, reference, beta)
+    config, run_dir = scoring_config(checkpoint, reference, beta, data_format)
     return RunScorer(run_dir, checkpoint, batch_size, config)
 
 
@@ -556,10 +580,11 @@ def rank_responses(
     batch_size: int | None = None,
     reference: str | None = None,
     beta: float | None = None,
+    data_format: str | None = None,
 ) -> list[dict]:
     """Each response's implicit reward under the checkpoint, and which one it prefers ("a", "b" or "tie")."""
     given = Path(checkpoint)
-    scorer = scorer_for(given, reference, beta, batch_size)
+    scorer = scorer_for(given, reference, beta, data_format, batch_size)
     checkpoint = given.resolve()
     # Response A is scored as "chosen" and B as "rejected": exactly the two branches of a training pair.
     pairs = [rank_pair(i, triple, scorer.data_format) for i, triple in enumerate(triples)]

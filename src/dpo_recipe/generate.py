@@ -60,12 +60,13 @@ def write_generations(
     reference: str | None = None,
     data_source: str | None = None,
     prompts_file: str | Path | None = None,
+    data_format: str | None = None,
 ) -> Path:
     """Sample from the policy and the reference for the first test prompts (or those of `data_source`, or every prompt
     of `prompts_file`); write them side by side in markdown."""
     settings = settings or SamplingSettings()
     given = Path(checkpoint)
-    scorer = scorer_for(given, reference, None)
+    scorer = scorer_for(given, reference, None, data_format)
     checkpoint = given.resolve()
     max_length = scorer.config.data.max_length
     if not 0 < settings.max_new_tokens < max_length:

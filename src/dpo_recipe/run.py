@@ -27,7 +27,7 @@ from .callbacks import (
     ShardReport,
     StepEvaluation,
 )
-from .config import ConfigError, RecipeConfig, describe_model
+from .config import ConfigError, RecipeConfig
 from .curves import plot_run
 from .data import DataReport, load_text_splits, prepare_data
 from .loss import resolve_loss
@@ -44,6 +44,8 @@ from .rundir import (
     forget_epochs_after,
     latest_checkpoint,
     reference_dir,
+    scoring_settings,
+    trained_format,
     write_best,
 )
 from .totals import RunningTotals
@@ -240,7 +242,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         loss_fn=loss_fn,
         reference_cache_dir=config.training.reference_cache_dir,
         totals=totals,
-        model_description=describe_model(config.model),
+        scoring=scoring_settings(config, trained_format(run_dir, config.data)),
     )
     if config.training.eval_steps:
         trainer.add_callback(StepEvaluation(config.training.eval_steps))

@@ -6,10 +6,12 @@
       data_indices.json      which source rows went to train / val / test
       metrics.jsonl          one record per line: `epoch`, `step` and `eval` (see RECORD_KINDS)
       epoch-<k>/             a complete checkpoint; the name is only ever given to a finished save
+        scoring.json         how the model reads data and scores pairs (also in a `merge` output)
         eval_<data>.json     evaluation of that checkpoint on a dataset
       best -> epoch-<k>      the best epoch by validation, with best.json saying by what
       reference/             the starting model, when it was built locally (evaluation's reference)
       run_info.json          each training session's wall time, device and software
+      README.md              the model card: usage in the run's data format, the training procedure
       tensorboard/           event files, when logging.report_to has tensorboard
 
 Training, evaluation and reporting all read and write through these names and functions.
@@ -21,8 +23,9 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, RecipeConfig, load_config
+from .config import ConfigError, DataConfig, RecipeConfig, load_config
 
 EPOCH_PREFIX = "epoch-"
 METRICS_FILE = "metrics.jsonl"
@@ -34,6 +37,8 @@ DATA_REPORT_FILE = "data_report.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 TEST_DATASET = "test"
 RUN_INFO_FILE = "run_info.json"
+SCORING_FILE = "scoring.json"
+MODEL_CARD_FILE = "README.md"  # TRL's model card, completed by `card`
 TENSORBOARD_DIR = "tensorboard"
 REFERENCE_DIR = "reference"
 # Files in a checkpoint that only resuming reads; kept in the newest epoch alone. Optimizer state (Adam's two moments)
@@ -198,3 +203,46 @@ def find_checkpoints(path: str | Path, all_epochs: bool = False) -> list[Path]:
 def checkpoint_epoch(checkpoint: Path) -> int | None:
     suffix = checkpoint.name[len(EPOCH_PREFIX) :]
     return int(suffix) if checkpoint.name.startswith(EPOCH_PREFIX) and suffix.isdigit() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a model directory needs to be scored as its run scored it, when it is read outside that run.
+
+
+def scoring_settings(config: RecipeConfig, trained_format: str) -> dict[str, Any]:
+    """How a model of this run reads data and scores pairs: written into every model directory the recipe writes
+    (epoch checkpoints, `merge` outputs), so `eval`, `rank` and `generate` read a copy or a merge as the run did.
+
+    `format` is data.format as configured (how a data file given with --data is read: `auto` detects it from its
+    columns); `trained_format` is what the training data was read as (how rank and generate shape your prompts). The
+    chat template that rendered messages is the one in the directory's tokenizer files.
+    """
+    data, loss = config.data, config.loss
+    return {
+        "data": {"format": data.format, "trained_format": trained_format, "max_length": data.max_length,
+                 "min_prompt_tokens": data.min_prompt_tokens},
+        "loss": {"type": loss.type, "beta": loss.beta, "label_smoothing": loss.label_smoothing, "rpo_alpha": loss.rpo_alpha},
+    }  # fmt: skip
+
+
+def write_scoring_settings(model_dir: Path, settings: dict[str, Any]) -> None:
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(model_dir) / SCORING_FILE, json.dumps(settings, indent=2) + "\n")
+
+
+def read_scoring_settings(model_dir: Path) -> dict[str, Any] | None:
+    path = Path(model_dir) / SCORING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def trained_format(directory: Path, data: DataConfig) -> str:
+    """The format a run's training data was read in: data.format when it names one, else what was detected (the
+    run's data_report.json, or a model directory's scoring.json); hh-rlhf, the study's format, when nothing says."""
+    if data.format != "auto":
+        return data.format
+    report = Path(directory) / DATA_REPORT_FILE
+    formats = json.loads(report.read_text()).get("formats", {}) if report.is_file() else {}
+    if formats:
+        return next(iter(formats.values()))  # the training source is read first
+    recorded = read_scoring_settings(directory)
+    return recorded["data"]["trained_format"] if recorded else "hh-rlhf"
