@@ -40,9 +40,11 @@ from .rundir import (
     RUN_INFO_FILE,
     TENSORBOARD_DIR,
     atomic_write,
+    check_resumed_config,
     epoch_dirs,
     forget_epochs_after,
     latest_checkpoint,
+    record_config_changes,
     reference_dir,
     scoring_settings,
     trained_format,
@@ -166,6 +168,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
+        resumed_changes = check_resumed_config(config)
         print(f"resuming {run_dir} from {resume_from.name} (step {_checkpoint_step(resume_from)})", flush=True)
     elif config.training.overwrite:  # every process takes this branch, so the barrier below is always matched
         if state.is_main_process and run_dir.is_dir():
@@ -198,8 +201,10 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
             model.save_pretrained(reference_dir(run_dir))
             tokenizer.save_pretrained(reference_dir(run_dir))
         if resume_from is not None:
-            forget_epochs_after(run_dir, int(resume_from.name[len(EPOCH_PREFIX) :]))
+            resumed_epoch = int(resume_from.name[len(EPOCH_PREFIX) :])
+            forget_epochs_after(run_dir, resumed_epoch)
             write_best(run_dir, config.training.best_metric)
+            record_config_changes(run_dir, resumed_changes, _checkpoint_step(resume_from), resumed_epoch)
     state.wait_for_everyone()
 
     if "wandb" in config.logging.report_to:
