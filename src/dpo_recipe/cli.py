@@ -26,11 +26,20 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _command_train(args) -> int:
-    from .config import load_config
-    from .hub import check_hub_access
+def _checked_config(args):
+    """The config of --config and --set, with every check that needs no model or data: what print-config shows is
+    what training accepts."""
+    from .config import check_loss_import, load_config
 
     config = load_config(args.config, args.overrides)
+    check_loss_import(config)
+    return config
+
+
+def _command_train(args) -> int:
+    from .hub import check_hub_access
+
+    config = _checked_config(args)
     if args.strict:
         config.data.strict = True
     if args.overwrite:
@@ -45,9 +54,11 @@ def _command_train(args) -> int:
 
 
 def _command_print_config(args) -> int:
-    from .config import load_config
-
-    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    config = _checked_config(args)
+    if args.run_dir:
+        print(config.run_dir)
+    else:
+        print(config.to_yaml(), end="")
     return 0
 
 
@@ -139,8 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_command_train)
 
-    show = commands.add_parser("print-config", help="print the fully resolved config (loads no model or data)")
+    show = commands.add_parser(
+        "print-config", help="print the fully resolved config, after every check that needs no model or data"
+    )
     _config_arguments(show)
+    show.add_argument("--run-dir", action="store_true", help="print only the run directory it trains into")
     show.set_defaults(handler=_command_print_config)
 
     evaluate = commands.add_parser("eval", help="evaluate checkpoints on the run's test pairs (or --data); writes eval_*.json")

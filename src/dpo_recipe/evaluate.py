@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig
+from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig, check_loss_import
 from .data import (
     ASSISTANT_MARKER,
     CHAT_FORMATS,
@@ -256,6 +256,7 @@ class RunScorer:
             self.tokenizer.pad_token_id, self.config.training.prompt_sharing, self.config.training.pad_to_multiple_of
         )
         self.batch_size = batch_size or forward_batch_size(self.config.training.eval_batch_size)
+        check_loss_import(self.config)
         self.loss_fn = resolve_loss(self.config.loss.type, self.config.loss.label_smoothing, self.config.loss.rpo_alpha)
         self.beta = self.config.loss.beta
 

@@ -27,7 +27,7 @@ from .callbacks import (
     ShardReport,
     StepEvaluation,
 )
-from .config import ConfigError, RecipeConfig
+from .config import ConfigError, RecipeConfig, check_loss_import
 from .curves import plot_run
 from .data import DataReport, load_text_splits, prepare_data
 from .loss import resolve_loss
@@ -59,7 +59,8 @@ def batch_plan(config: RecipeConfig, world_size: int) -> tuple[int, int]:
     effective = config.training.effective_batch_size
     if effective % world_size:
         raise ConfigError(
-            f"{config.source_file}: training.effective_batch_size {effective} is not divisible by {world_size} processes"
+            f"{config.origin('training.effective_batch_size')}: training.effective_batch_size {effective} is not "
+            f"divisible by {world_size} processes"
         )
     micro = min(config.training.per_device_batch_size, effective // world_size)
     while (effective // world_size) % micro:
@@ -152,15 +153,13 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     # Without a GPU, processes started by `accelerate launch` join one gloo group (MULTI_CPU) instead of each
     # training alone; under an FSDP launch config the trainer then shards over it (`_fsdp_over_gloo`).
     state = PartialState(cpu=not torch.cuda.is_available())
-    precision = resolve_precision(config.training.precision, config.source_file)
-    try:  # before any data or model work, so a typo in loss.type costs nothing
-        loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha)
-    except ValueError as error:
-        raise ConfigError(f"{config.source_file}: {error}") from None
+    precision = resolve_precision(config.training.precision, config.origin("training.precision"))
+    check_loss_import(config)  # before any data or model work, so a typo in loss.type costs nothing
+    loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha)
     if config.model.lora is not None and fsdp_requested():
         raise ConfigError(
-            f"{config.source_file}: model.lora is not supported under FSDP (an adapter's model fits each device: "
-            "launch with multi_gpu.yaml)"
+            f"{config.origin('model.lora')}: model.lora is not supported under FSDP (an adapter's model fits each "
+            "device: launch with multi_gpu.yaml)"
         )
     run_dir = config.run_dir
     resume_from = None
