@@ -157,13 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--run-dir", action="store_true", help="print only the run directory it trains into")
     show.set_defaults(handler=_command_print_config)
 
-    evaluate = commands.add_parser("eval", help="evaluate checkpoints on the run's test pairs (or --data); writes eval_*.json")
+    summary = "evaluate checkpoints on their run's test pairs (or --data); writes eval_<data>.json beside each"
+    evaluate = commands.add_parser("eval", help=summary, description=summary)
     evaluate.add_argument(
-        "paths", nargs="+", type=Path, metavar="PATH", help="a checkpoint, a run directory, a directory of runs, or any model directory"
+        "paths", nargs="+", type=Path, metavar="PATH",
+        help="a checkpoint, a run directory (its best epoch), a directory of runs, or any model directory",
     )
     evaluate.add_argument("--all-epochs", action="store_true", help="every epoch of each run (default: its best epoch)")
-    evaluate.add_argument("--data", help="evaluate on this preference dataset (hh-rlhf JSONL or hub id) instead")
-    evaluate.add_argument("--batch-size", type=int, help="pairs per batch (default: the run's training.eval_batch_size)")
+    evaluate.add_argument(
+        "--data",
+        help="evaluate on this preference dataset instead: a local file or dataset directory in any format training "
+        "reads (.jsonl, .json, .parquet, .csv, .gz), or a hub dataset id (its test split); needed for a model "
+        "directory outside a run",
+    )
+    evaluate.add_argument(
+        "--batch-size", type=int, help="pairs per forward batch (default: the run's training.eval_batch_size; if null, 32 on CPU, 128 on a GPU)"
+    )
     _outside_a_run_arguments(evaluate)
     evaluate.set_defaults(handler=_command_eval)
 
@@ -221,8 +230,6 @@ def quiet_third_party_output() -> None:
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards", "Loading weights": per file, per call
     # TRL and PEFT still call the old name internally; nothing the user can change, and it works until v6.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    # DDP over tiny models with frozen LoRA bases: torch's own hint that a flag costs time, not a fault.
-    warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified in DDP constructor")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -332,10 +333,14 @@ class RunScorer:
 
 
 def dataset_name(source: str) -> str:
-    """A file-name-safe name for a dataset given on the command line: its file stem or hub id."""
-    name = Path(source).name if Path(source).exists() else source
-    name = re.sub(r"\.(jsonl|json|parquet|csv)(\.gz)?$", "", name)
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "data"
+    """A file-name-safe name for a dataset given on the command line, one per dataset: its file name (suffix kept, so
+    conv.jsonl and conv.parquet differ, and no file is taken for the run's `test` split) or hub id, then a digest of
+    its resolved path or id (so two conv.jsonl in different folders differ too)."""
+    path = Path(source)
+    local = path.exists()
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name if local else source).strip("_") or "data"
+    digest = hashlib.sha256(str(path.resolve() if local else source).encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
 
 
 class RunEvaluator:

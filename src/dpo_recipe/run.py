@@ -104,6 +104,10 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         # On a GPU, batches are copied from pinned memory without making the host wait for the copy.
         dataloader_pin_memory=on_gpu(),
         accelerator_config={"non_blocking": on_gpu()},
+        # Every trainable parameter takes part in every forward (the reference pass is precomputed and frozen weights
+        # are not tracked), so DDP need not search the graph for unused ones each step; transformers' default (True
+        # without checkpointing) costs that search and a warning from every process.
+        ddp_find_unused_parameters=False,
         # transformers' own nan filter reads every step's loss on the host; the divergence guard reads at log steps.
         logging_nan_inf_filter=False,
         **{CHECKPOINTING_ARGUMENT: training.gradient_checkpointing},

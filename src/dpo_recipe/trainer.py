@@ -194,6 +194,15 @@ class RecipeDPOTrainer(DPOTrainer):
         self.totals.flush()  # a step that diverged since the last read raises here, before anything is written
         super()._save_checkpoint(model, trial)
 
+    def _determine_best_metric(self, metrics, trial) -> bool:
+        is_new_best = super()._determine_best_metric(metrics, trial)
+        # Trainer would record `checkpoint-<best step>` as the best checkpoint, for load_best_model_at_end, which the
+        # recipe does not use (its best is the `best` link). That folder is renamed `epoch-K` once its save is
+        # complete, so the recorded path would never exist, and every resume would warn that it "does not exist
+        # anymore". The best metric itself, which early stopping compares with, is kept.
+        self.state.best_global_step = None
+        return is_new_best
+
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         self.totals.flush()
