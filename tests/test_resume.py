@@ -212,7 +212,12 @@ def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(worksp
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
 
-    assert run_training(_config(workspace, "killed"), resume=True) == 0
+    # Resumed with the run's own loss.type, as --resume requires; the gate lets every step through once released.
+    (output_dir / "gate-release").touch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(workspace / "modules"))
+        patch.setenv("GATE_RUN_DIR", str(run_dir))
+        assert run_training(_config(workspace, "killed", "loss.type=gate_loss:hold_after_epoch_1"), resume=True) == 0
     assert f"resuming {run_dir} from epoch-1 (step 4)" in capsys.readouterr().out
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1", "epoch-2"]
     assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2")
