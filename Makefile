@@ -36,8 +36,12 @@ train:
 
 EVAL_PATHS ?= checkpoints
 SMOKE_BETAS ?= 0.1 0.3 1.0
-sweep_runs = $(foreach config,$(SWEEP_CONFIGS),checkpoints/$(basename $(notdir $(config))))
+SWEEP_REPORT ?= reports/sweep.md
 smoke_runs = $(foreach beta,$(SMOKE_BETAS),checkpoints/smoke_beta$(beta))
+# Where each sweep config trains (its run_name and output_dir, with ARGS' --set overrides), asked of the config itself.
+TRAIN_ONLY_FLAGS := --resume --overwrite --strict --verbose --print-config
+sweep_run_dirs = for config in $(SWEEP_CONFIGS); do \
+	$(BIN)/python -m dpo_recipe print-config --run-dir --config $$config $(filter-out $(TRAIN_ONLY_FLAGS),$(ARGS)) || exit 1; done
 
 # Best epoch of every run under checkpoints/. One run: make eval EVAL_PATHS=checkpoints/beta0.3; every epoch: ARGS=--all-epochs
 eval:
@@ -46,8 +50,8 @@ eval:
 # The four sweep configs, each evaluated on its test pairs at its best epoch, then reports/sweep.md.
 sweep:
 	for config in $(SWEEP_CONFIGS); do $(LAUNCH) scripts/train.py --config $$config $(ARGS) || exit 1; done
-	$(BIN)/python scripts/eval.py $(sweep_runs)
-	$(BIN)/python -m dpo_recipe report $(sweep_runs) --out reports/sweep.md
+	runs="$$($(sweep_run_dirs))" && $(BIN)/python scripts/eval.py $$runs && \
+	$(BIN)/python -m dpo_recipe report $$runs --out $(SWEEP_REPORT)
 
 # The same pipeline at smoke size (tiny GPT-2, synthetic pairs, CPU): one smoke run per beta, then reports/sweep_smoke.md.
 sweep-smoke:

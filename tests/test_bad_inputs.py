@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import DataConfig, ModelConfig
@@ -149,8 +150,39 @@ def test_unknown_loss_type_fails_before_any_data_is_read(tmp_path, capsys):
     path = write_config(tmp_path, "loss:\n  type: dop\n")
     code, line = call_main(capsys, "train", "--config", str(path))
     assert code == 2
-    assert line.startswith(f"error: {path}: loss.type 'dop' is not one of dpo, ipo, cdpo, hinge, robust nor a dotted path")
+    assert line.startswith(f"error: {path}: loss.type must be one of dpo, cdpo, ipo, hinge, robust (or TRL's sigmoid for dpo)")
     assert not (tmp_path / "checkpoints").exists()
+
+
+# loss.type values that only training used to refuse (print-config printed them, exit 0), and what the line says.
+LOSS_TYPE_MISTAKES = {
+    "apo_zero": "loss.type must be one of dpo, cdpo, ipo, hinge, robust (or TRL's sigmoid for dpo), or a dotted path "
+    "package.module:function to a loss of your own (got 'apo_zero')",
+    "no_such_module:my_loss": "loss.type 'no_such_module:my_loss' could not be imported: No module named 'no_such_module'",
+}
+
+
+@pytest.mark.parametrize("command", ["print-config", "train"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPE_MISTAKES)
+def test_print_config_finds_what_training_would_refuse_naming_the_flag_or_file(tmp_path, command, loss_type):
+    result = run_cli(command, "--config", str(SMOKE_CONFIG), "--set", f"loss.type={loss_type}")
+    assert result.returncode == 2
+    assert single_error_line(result.stderr) == f"error: --set loss.type={loss_type}: {LOSS_TYPE_MISTAKES[loss_type]}"
+    path = write_config(tmp_path, f"loss:\n  type: {loss_type}\n")
+    result = run_cli(command, "--config", str(path), "--set", "training.num_epochs=2")
+    assert result.returncode == 2
+    assert single_error_line(result.stderr) == f"error: {path}: {LOSS_TYPE_MISTAKES[loss_type]}"
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU may support bf16")
+def test_a_setting_this_machine_cannot_run_names_the_flag_that_gave_it(tmp_path, capsys):
+    code, line = call_main(
+        capsys, "train", "--config", str(SMOKE_CONFIG), "--set", f"training.output_dir={tmp_path}", "--set", "training.precision=bf16"
+    )
+    assert code == 2
+    assert line == "error: --set training.precision=bf16: training.precision bf16 needs a GPU that supports it (use auto or fp32)"
+    assert not list(tmp_path.iterdir())
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):

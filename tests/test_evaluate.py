@@ -19,18 +19,18 @@ from dpo_recipe.data import DataError, DataReport, load_text_splits
 from dpo_recipe.evaluate import (
     RunEvaluator,
     RunScorer,
-    SamplingSettings,
     bootstrap_ci,
+    dataset_name,
     evaluate_paths,
     find_checkpoints,
     preference_metrics,
     rank_responses,
     read_rank_triples,
-    write_generations,
 )
+from dpo_recipe.generate import SamplingSettings, write_generations
 from dpo_recipe.models import build_model, model_fingerprint
 from dpo_recipe.packing import PairCollator
-from dpo_recipe.rundir import reference_dir
+from dpo_recipe.rundir import eval_file_name, reference_dir
 from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.run import run_training
 
@@ -190,10 +190,42 @@ def test_eval_on_a_dataset_from_the_command_line_counts_dropped_rows(trained_run
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     assert main(["eval", str(trained_run / "best"), "--data", str(data)]) == 0
     out = capsys.readouterr().out
-    assert "dropped     1  no_assistant_marker" in out and "| extra " in out
-    result = json.loads((trained_run / "best" / "eval_extra.json").read_text())
-    assert result["pairs"] == 6 and result["dataset"] == "extra"
+    name = dataset_name(str(data))
+    assert "dropped     1  no_assistant_marker" in out and f"| {name} " in out
+    result = json.loads((trained_run / "best" / eval_file_name(name)).read_text())
+    assert result["pairs"] == 6 and result["dataset"] == name and name.startswith("extra.jsonl.gz-")
     assert result["dropped"] == {str(data): {"no_assistant_marker": 1}}
+
+
+def test_eval_results_of_different_datasets_never_share_a_file(trained_run, tmp_path):
+    """conv.jsonl and conv.parquet, two conv.jsonl in different folders, and a file called test.jsonl (which must not
+    replace the run's own eval_test.json) each get their own result file."""
+    from datasets import Dataset
+
+    rows = synthetic_rows("test", 6, seed=7)
+    (tmp_path / "other").mkdir()
+    parquet = tmp_path / "conv.parquet"
+    Dataset.from_list(rows[:5]).to_parquet(str(parquet))
+    sources = {
+        write_jsonl(tmp_path / "conv.jsonl", rows): 6, parquet: 5,
+        write_jsonl(tmp_path / "other" / "conv.jsonl", rows[:4]): 4, write_jsonl(tmp_path / "test.jsonl", rows[:3]): 3,
+    }  # fmt: skip
+    (own_test,) = evaluate_paths([trained_run / "best"])
+    results = [evaluate_paths([trained_run / "best"], data_source=str(source))[0] for source in sources]
+    assert len({result["path"] for result in [own_test, *results]}) == 5
+    for result, pairs in zip(results, sources.values()):
+        assert json.loads(Path(result["path"]).read_text())["pairs"] == pairs
+    assert json.loads(Path(own_test["path"]).read_text())["pairs"] == NUM_TEST_PAIRS
+    assert Path(own_test["path"]).name == "eval_test.json"
+
+
+def test_eval_help_says_what_it_reads_and_writes(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "hh-rlhf JSONL" not in text  # --data reads every format training reads
+    assert "in any format training reads (.jsonl, .json, .parquet, .csv, .gz), or a hub dataset id" in text
+    assert "writes eval_<data>.json beside each" in text and "--format FORMAT" in text
 
 
 def test_eval_refuses_test_pairs_that_differ_from_training(trained_run, tmp_path, capsys):

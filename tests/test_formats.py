@@ -21,6 +21,8 @@ from dpo_recipe.data import (
     split_dialogue,
     tokenize_pairs,
 )
+from dpo_recipe.evaluate import dataset_name
+from dpo_recipe.rundir import eval_file_name
 from dpo_recipe.synthetic import synthetic_rows
 
 from conftest import SMOKE_CONFIG, write_jsonl
@@ -324,11 +326,13 @@ def test_a_conversational_file_trains_evaluates_ranks_and_generates_end_to_end(t
     out = capsys.readouterr().out
     assert "  format  conversational" in out and "  kept        1  empty_response" in out
     assert json.loads((run / "data_report.json").read_text())["formats"] == {str(data): "conversational"}
+    card = (run / "README.md").read_text()  # its usage example passes chat messages, as it trained on
+    assert 'prompt = [{"role": "user", "content": "How do I bake bread?"}]' in card and f'model="{run / "best"}"' in card
 
     assert main(["eval", str(run)]) == 0
     assert json.loads((run / "best" / "eval_test.json").read_text())["pairs"] == 12
     assert main(["eval", str(run / "best"), "--data", str(held_out)]) == 0
-    result = json.loads((run / "best" / "eval_chat_held_out.json").read_text())
+    result = json.loads((run / "best" / eval_file_name(dataset_name(str(held_out)))).read_text())
     assert result["pairs"] == 6 and result["dropped"] == {}
     capsys.readouterr()
 

@@ -38,7 +38,8 @@ TIMING_KEYS = {"tokens_per_s", "pairs_per_s"}
 
 # The loss every FSDP run imports through `loss.type`: exactly dpo_loss, except that once epoch 1 is committed each
 # rank reports its process id (gate-reached-<pid>) and holds inside the first step of epoch 2, so the test can kill
-# both ranks there without timing anything.
+# both ranks there without timing anything. Without GATE_RUN_DIR (the resumed run, which keeps its loss.type as any
+# resumed run must) it is dpo_loss throughout.
 GATE_MODULE = '''
 import os
 import time
@@ -48,9 +49,9 @@ from dpo_recipe.loss import dpo_loss
 
 
 def hold_after_epoch_1(*args):
-    run_dir = Path(os.environ["GATE_RUN_DIR"])
-    if (run_dir / "epoch-1").is_dir():
-        (run_dir.parent / f"gate-reached-{os.getpid()}").touch()
+    run_dir = os.environ.get("GATE_RUN_DIR")
+    if run_dir and (Path(run_dir) / "epoch-1").is_dir():
+        (Path(run_dir).parent / f"gate-reached-{os.getpid()}").touch()
         launcher = os.getppid()
         while os.getppid() == launcher:  # a rank whose launcher is gone (a failed test) must not hold forever
             time.sleep(0.05)
@@ -72,7 +73,7 @@ def _overrides(workspace: Path, name: str, cache: str, *extra: str) -> list[str]
 def _launch(workspace: Path, name: str, gated: bool = False, resume: bool = False) -> subprocess.Popen:
     """`accelerate launch` of scripts/train.py with the CPU FSDP config; output in <log>.out / <log>.err."""
     overrides = _overrides(workspace, name, "cache_fsdp")
-    if gated:
+    if gated or resume:  # a gated run, or its resumption (which keeps the run's loss.type, passing through)
         overrides.append("loss.type=gate_loss:hold_after_epoch_1")
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -82,9 +83,10 @@ def _launch(workspace: Path, name: str, gated: bool = False, resume: bool = Fals
         *(arg for override in overrides for arg in ("--set", override)), *(["--resume"] if resume else []),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    if gated or resume:
+        env.update(PYTHONPATH=os.pathsep.join([str(workspace / "modules"), env.get("PYTHONPATH", "")]))
     if gated:
-        env.update(PYTHONPATH=os.pathsep.join([str(workspace / "modules"), env.get("PYTHONPATH", "")]),
-                   GATE_RUN_DIR=str(workspace / name / "smoke"))
+        env.update(GATE_RUN_DIR=str(workspace / name / "smoke"))
     log = name + ("-resumed" if resume else "")
     with open(workspace / f"{log}.out", "w") as stdout, open(workspace / f"{log}.err", "w") as stderr:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr)

@@ -10,11 +10,13 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from dpo_recipe.config import DataConfig
+from dpo_recipe.config import LOSS_TYPES, ConfigError, DataConfig, load_config
 from dpo_recipe.data import DataReport, load_text_splits, tokenize_pairs
-from dpo_recipe.loss import dpo_loss, ipo_loss, resolve_loss
+from dpo_recipe.loss import BUILTIN_LOSSES, dpo_loss, ipo_loss, resolve_loss
 from dpo_recipe.packing import PairCollator
 from dpo_recipe.trainer import RecipeDPOTrainer
+
+from conftest import SMOKE_CONFIG
 
 
 def paper_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -84,6 +86,17 @@ def test_custom_loss_by_dotted_path():
         resolve_loss("dpo_recipe.loss:no_such_loss")
     with pytest.raises(ValueError, match="not one of"):
         resolve_loss("sigmoidd")
+
+
+def test_trl_loss_names_are_read_as_ours_where_the_loss_is_the_same():
+    assert set(BUILTIN_LOSSES) == set(LOSS_TYPES)  # what config validation accepts is what resolve_loss builds
+    config = load_config(SMOKE_CONFIG, ["loss.type=sigmoid"])
+    assert config.loss.type == "dpo"  # one name in config.yaml, reports and --resume
+    assert resolve_loss("sigmoid") is dpo_loss
+    # TRL 1.16's sigmoid ignores label smoothing, where ours becomes conservative DPO: not the same loss.
+    with pytest.raises(ConfigError, match=r"^--set loss.type=sigmoid: loss.type sigmoid is TRL 1.16's plain DPO loss, "
+                                          r"which ignores loss.label_smoothing \(0.1\): for conservative DPO set loss.type: cdpo$"):  # fmt: skip
+        load_config(SMOKE_CONFIG, ["loss.type=sigmoid", "loss.label_smoothing=0.1"])
 
 
 def _tokenized_pairs(tokenizer, count=6, max_length=96):

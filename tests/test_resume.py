@@ -218,7 +218,12 @@ def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(worksp
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
 
-    assert run_training(_config(workspace, "killed"), resume=True) == 0
+    # Resumed with the run's own loss.type, as --resume requires; the gate lets every step through once released.
+    (output_dir / "gate-release").touch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(workspace / "modules"))
+        patch.setenv("GATE_RUN_DIR", str(run_dir))
+        assert run_training(_config(workspace, "killed", "loss.type=gate_loss:hold_after_epoch_1"), resume=True) == 0
     assert f"resuming {run_dir} from epoch-1 (step 4)" in capsys.readouterr().out
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1", "epoch-2"]
     assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2")
@@ -315,3 +320,40 @@ def test_a_nan_in_the_last_step_before_a_save_never_reaches_a_checkpoint(workspa
     assert not list(run_dir.glob("checkpoint-*"))
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
     assert_same_weights(run_dir / "epoch-1", baseline / "epoch-1")
+
+
+def test_resume_refuses_a_changed_recipe_naming_each_key_and_the_way_out(baseline, monkeypatch, capsys):
+    """The issue's case: a finished smoke run resumed with another β would train on at β 0.9 and compare validation
+    losses taken at two β. Nothing may be written or trained before the refusal."""
+    monkeypatch.syspath_prepend(str(baseline.parents[1] / "modules"))  # the run's loss.type
+    saved = baseline / "config.yaml"
+    before = {path: path.stat().st_mtime_ns for path in baseline.rglob("*")}
+    code = main(["train", "--config", str(saved), "--resume", "--set", "training.num_epochs=4", "--set", "loss.beta=0.9",
+                 "--set", "training.learning_rate=0.01"])  # fmt: skip
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(errors) == 1 and "Traceback" not in errors[0]
+    assert errors[0].startswith(f"error: {saved}: --resume: {baseline} was trained with other settings: ")
+    assert "loss.beta 0.3 → 0.9 (--set loss.beta=0.9)" in errors[0]
+    assert "training.learning_rate 0.001 → 0.01 (--set training.learning_rate=0.01)" in errors[0]
+    assert "training.num_epochs 2 →" not in errors[0]  # extending the run is allowed
+    assert errors[0].endswith("or start over with --overwrite, or train it as a new run with --set run_name=<new name>")
+    assert {path: path.stat().st_mtime_ns for path in baseline.rglob("*")} == before
+
+
+def test_resume_may_extend_a_run_and_records_the_change_with_its_step(workspace, capfd, caplog):
+    """More epochs (and other keys that only extend a run) are accepted and written into run_info.json with the step
+    they apply from. The early-stopping run's resume says nothing about a best checkpoint that "does not exist"."""
+    config = _config(workspace, "extended", "training.num_epochs=1", "training.early_stopping_patience=3")
+    assert run_training(config) == 0
+    capfd.readouterr()
+    saved = config.run_dir / "config.yaml"
+    assert main(["train", "--config", str(saved), "--resume", "--set", "training.num_epochs=2",
+                 "--set", "training.logging_steps=2"]) == 0  # fmt: skip
+    assert "does not exist anymore" not in "".join(capfd.readouterr()) + caplog.text  # the text, or the log record
+    assert [r["epoch"] for r in read_metrics(config.run_dir)] == [1, 2]
+    changes = json.loads((config.run_dir / "run_info.json").read_text())["config_changes"]
+    assert changes == [
+        {"from_step": STEPS_PER_EPOCH, "after_epoch": 1, "key": "training.num_epochs", "old": 1, "new": 2},
+        {"from_step": STEPS_PER_EPOCH, "after_epoch": 1, "key": "training.logging_steps", "old": 6, "new": 2},
+    ]
+    assert "num_epochs: 2" in saved.read_text()

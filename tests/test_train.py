@@ -15,9 +15,9 @@ from transformers import GPT2LMHeadModel
 
 from dpo_recipe.cli import main
 from dpo_recipe.data import DataReport, load_text_splits
-from dpo_recipe.evaluate import RunScorer
+from dpo_recipe.evaluate import RunScorer, dataset_name
 from dpo_recipe.synthetic import synthetic_rows
-from dpo_recipe.rundir import epoch_dirs, read_metrics
+from dpo_recipe.rundir import epoch_dirs, eval_file_name, read_metrics
 from dpo_recipe.run import prepare_run, run_training
 
 from conftest import REPO, write_jsonl
@@ -46,6 +46,14 @@ def test_smoke_run_leaves_checkpoints_metrics_plots_and_indices(smoke_config):
     assert records[-1]["val"]["accuracy"] > 0.6  # the preference was learned
     card = (run_dir / "README.md").read_text()
     assert "a fine-tuned version of GPT-2 from config, random init (n_layer=2" in card and "None" not in card
+    # Usage in the format it trained on: hh-rlhf turns, no chat messages (its tokenizer has no chat template).
+    assert '"role"' not in card and 'prompt = "\\n\\nHuman: How do I bake bread?\\n\\nAssistant:"' in card
+    assert f'pipeline("text-generation", model="{run_dir / "best"}")' in card
+    best = json.loads((run_dir / "best.json").read_text())
+    assert "- **Data**: synthetic, read as `hh-rlhf`: 192 train / 48 val / 48 test pairs" in card
+    assert "- **Loss**: dpo, β 0.3" in card and "learning rate 0.001" in card and "3 epochs configured, 3 trained" in card
+    assert f"- **Best epoch**: {best['epoch']} (by val loss); validation loss {best['value']:.4f}" in card
+    assert card.count("\n| 3 | 36 | ") == 1  # a row per epoch, the last one written after the last save
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["wall_seconds"] > 0 and info["sessions"][0]["device"].startswith("CPU")
     assert info["sessions"][0]["precision"] == "fp32" and info["sessions"][0]["processes"] == 1
@@ -101,15 +109,16 @@ def _merged_model_scores_like_its_adapter(config, adapter_checkpoint, merged_dir
     assert capsys.readouterr().err.strip() == (
         f"error: {merged_dir}: no run config.yaml beside this model directory, so give --reference (the model it was "
         "trained from: a local directory or hub id; for a merged LoRA run, checkpoints/<run>/reference or its base "
-        "model) and --beta (default 0.1)"
+        "model) and --beta (its scoring.json gives 0.3)"
     )
     assert main(["eval", str(merged_dir), "--reference", reference, "--beta", "0.3"]) == 2
     assert "give --data FILE" in capsys.readouterr().err
 
     assert main(["eval", str(merged_dir), "--data", str(pairs), "--reference", reference, "--beta", "0.3"]) == 0
     assert main(["eval", str(adapter_checkpoint), "--data", str(pairs)]) == 0
-    merged_result = json.loads((merged_dir / "eval_pairs.json").read_text())
-    adapter_result = json.loads((adapter_checkpoint / "eval_pairs.json").read_text())
+    result_file = eval_file_name(dataset_name(str(pairs)))
+    merged_result = json.loads((merged_dir / result_file).read_text())
+    adapter_result = json.loads((adapter_checkpoint / result_file).read_text())
     assert merged_result["pairs"] == adapter_result["pairs"] == 8 and merged_result["beta"] == 0.3
     for metric in ("loss", "chosen_reward", "rejected_reward", "logps_chosen", "logps_rejected"):
         assert merged_result[metric] == pytest.approx(adapter_result[metric], abs=1e-4)
@@ -125,6 +134,27 @@ def _merged_model_scores_like_its_adapter(config, adapter_checkpoint, merged_dir
     assert out.read_text().count("## Prompt ") == 2
 
 
+def test_a_tokenizer_with_its_own_bos_gives_a_tiny_model_its_ids_and_no_alignment_warning(tmp_path, tokenizer, capfd, caplog):
+    """A tiny model built for a real tokenizer (say SmolLM2's, whose BOS is not its EOS) takes the tokenizer's special
+    ids, so Trainer has nothing to align and prints nothing about it."""
+    import copy
+
+    from transformers import AutoConfig
+
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos.add_special_tokens({"bos_token": "<s>"})
+    with_bos.save_pretrained(tmp_path / "tokenizer")
+    args = ["train", "--config", str(REPO / "configs" / "smoke.yaml"), "--set", f"model.tokenizer={tmp_path / 'tokenizer'}",
+            "--set", f"training.output_dir={tmp_path}", "--set", f"training.reference_cache_dir={tmp_path / 'cache'}",
+            "--set", "data.num_pairs=24", "--set", "data.num_test_pairs=4", "--set", "training.num_epochs=1"]  # fmt: skip
+    assert main(args) == 0
+    # Both the records and the text: where transformers' handler writes depends on what the first test that used it
+    # captured, and pytest's record capture on the logger's propagation.
+    assert "PAD/BOS/EOS" not in "".join(capfd.readouterr()) + caplog.text
+    saved = AutoConfig.from_pretrained(tmp_path / "smoke" / "epoch-1")
+    assert saved.bos_token_id == with_bos.bos_token_id != with_bos.eos_token_id == saved.eos_token_id
+
+
 def test_two_process_launch_keeps_the_effective_batch(tmp_path):
     out = tmp_path / "ddp"
     command = [
@@ -138,6 +168,7 @@ def test_two_process_launch_keeps_the_effective_batch(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batch: 2 process(es) x micro-batch 4 x accumulation 2 = effective batch 16" in result.stdout
+    assert "find_unused_parameters" not in result.stderr  # DDP is told every parameter is used: no search, no warning
     run_dir = out / "smoke"
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [12, 24]  # ceil(189 / 16) optimizer steps per epoch

@@ -26,11 +26,20 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _command_train(args) -> int:
-    from .config import load_config
-    from .hub import check_hub_access
+def _checked_config(args):
+    """The config of --config and --set, with every check that needs no model or data: what print-config shows is
+    what training accepts."""
+    from .config import check_loss_import, load_config
 
     config = load_config(args.config, args.overrides)
+    check_loss_import(config)
+    return config
+
+
+def _command_train(args) -> int:
+    from .hub import check_hub_access
+
+    config = _checked_config(args)
     if args.strict:
         config.data.strict = True
     if args.overwrite:
@@ -45,9 +54,11 @@ def _command_train(args) -> int:
 
 
 def _command_print_config(args) -> int:
-    from .config import load_config
-
-    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    config = _checked_config(args)
+    if args.run_dir:
+        print(config.run_dir)
+    else:
+        print(config.to_yaml(), end="")
     return 0
 
 
@@ -72,7 +83,10 @@ def _command_show_data(args) -> int:
 def _command_eval(args) -> int:
     from .evaluate import eval_table, evaluate_paths
 
-    results = evaluate_paths(args.paths, args.all_epochs, args.data, args.batch_size, reference=args.reference, beta=args.beta)
+    results = evaluate_paths(
+        args.paths, args.all_epochs, args.data, args.batch_size, reference=args.reference, beta=args.beta,
+        data_format=args.format,
+    )
     print(eval_table(results))
     print("\n".join(f"wrote {r['path']}" for r in results))
     return 0
@@ -88,15 +102,16 @@ def _command_rank(args) -> int:
         triples = [{"prompt": args.prompt, "response_a": args.response_a, "response_b": args.response_b}]
     else:
         raise ConfigError("rank: give --pairs FILE, or all of --prompt, --response-a and --response-b")
-    print(rank_table(rank_responses(args.checkpoint, triples, reference=args.reference, beta=args.beta)))
+    print(rank_table(rank_responses(args.checkpoint, triples, reference=args.reference, beta=args.beta, data_format=args.format)))
     return 0
 
 
 def _command_generate(args) -> int:
-    from .evaluate import SamplingSettings, write_generations
+    from .generate import SamplingSettings, write_generations
 
     settings = SamplingSettings(args.num_prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    print(f"wrote {write_generations(args.checkpoint, settings, args.out, args.reference, args.data, args.prompts)}")
+    out = write_generations(args.checkpoint, settings, args.out, args.reference, args.data, args.prompts, args.format)
+    print(f"wrote {out}")
     return 0
 
 
@@ -116,12 +131,22 @@ def _command_report(args) -> int:
 
 def _outside_a_run_arguments(parser: argparse.ArgumentParser, beta: bool = True) -> None:
     """What a run's config.yaml records, for a model directory that belongs to no run (a `merge` output, any HF model)."""
+    from .config import DATA_FORMATS
+
     parser.add_argument(
         "--reference", metavar="PATH_OR_HUB_ID",
         help="model directory outside a run: the model it was trained from, scored as the reference",
     )
     if beta:
-        parser.add_argument("--beta", type=float, help="model directory outside a run: β of the implicit reward (default 0.1)")
+        parser.add_argument(
+            "--beta", type=float,
+            help="model directory outside a run: β of the implicit reward (default: its scoring.json's, else 0.1)",
+        )
+    parser.add_argument(
+        "--format", choices=DATA_FORMATS, metavar="FORMAT",
+        help="model directory the recipe did not write (no scoring.json): the data format it reads, as data.format "
+        f"({', '.join(DATA_FORMATS)}; default auto: data files by their columns, your prompts as hh-rlhf turns)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,8 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_command_train)
 
-    show = commands.add_parser("print-config", help="print the fully resolved config (loads no model or data)")
+    show = commands.add_parser(
+        "print-config", help="print the fully resolved config, after every check that needs no model or data"
+    )
     _config_arguments(show)
+    show.add_argument("--run-dir", action="store_true", help="print only the run directory it trains into")
     show.set_defaults(handler=_command_print_config)
 
     show_data = commands.add_parser(
@@ -162,13 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show_data.set_defaults(handler=_command_show_data)
 
-    evaluate = commands.add_parser("eval", help="evaluate checkpoints on the run's test pairs (or --data); writes eval_*.json")
+    summary = "evaluate checkpoints on their run's test pairs (or --data); writes eval_<data>.json beside each"
+    evaluate = commands.add_parser("eval", help=summary, description=summary)
     evaluate.add_argument(
-        "paths", nargs="+", type=Path, metavar="PATH", help="a checkpoint, a run directory, a directory of runs, or any model directory"
+        "paths", nargs="+", type=Path, metavar="PATH",
+        help="a checkpoint, a run directory (its best epoch), a directory of runs, or any model directory",
     )
     evaluate.add_argument("--all-epochs", action="store_true", help="every epoch of each run (default: its best epoch)")
-    evaluate.add_argument("--data", help="evaluate on this preference dataset (hh-rlhf JSONL or hub id) instead")
-    evaluate.add_argument("--batch-size", type=int, help="pairs per batch (default: the run's training.eval_batch_size)")
+    evaluate.add_argument(
+        "--data",
+        help="evaluate on this preference dataset instead: a local file or dataset directory in any format training "
+        "reads (.jsonl, .json, .parquet, .csv, .gz), or a hub dataset id (its test split); needed for a model "
+        "directory outside a run",
+    )
+    evaluate.add_argument(
+        "--batch-size", type=int, help="pairs per forward batch (default: the run's training.eval_batch_size; if null, 32 on CPU, 128 on a GPU)"
+    )
     _outside_a_run_arguments(evaluate)
     evaluate.set_defaults(handler=_command_eval)
 
@@ -226,8 +263,6 @@ def quiet_third_party_output() -> None:
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards", "Loading weights": per file, per call
     # TRL and PEFT still call the old name internally; nothing the user can change, and it works until v6.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    # DDP over tiny models with frozen LoRA bases: torch's own hint that a flag costs time, not a fault.
-    warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified in DDP constructor")
 
 
 def main(argv: list[str] | None = None) -> int:

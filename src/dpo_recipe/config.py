@@ -129,7 +129,8 @@ class TrainingConfig:
 
 @dataclass
 class LossConfig:
-    # dpo, ipo, hinge, robust (TRL's definitions), cdpo (conservative DPO, not in TRL 1.16), or a dotted path
+    # dpo, ipo, hinge, robust (TRL's definitions; TRL's name `sigmoid` is read as dpo), cdpo (conservative DPO, not
+    # in TRL 1.16), or a dotted path
     # `package.module:function` with dpo_loss's signature.
     type: str = "dpo"
     beta: float = 0.1
@@ -221,6 +222,49 @@ CHOICES = {
     "training.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "logging.wandb_mode": ("online", "offline", "disabled"),
 }
+
+
+# The built-in losses (`dpo_recipe.loss.BUILTIN_LOSSES`); any other loss.type is a dotted path to a function.
+LOSS_TYPES = ("dpo", "cdpo", "ipo", "hinge", "robust")
+# TRL 1.16's `loss_type` names for the same losses, read as ours so that config.yaml, reports and --resume see one
+# name. TRL's hinge, ipo and robust already carry ours; its other losses are not built in.
+TRL_LOSS_NAMES = {"sigmoid": "dpo"}
+
+
+def _dotted_path(name: str) -> tuple[str, str] | None:
+    """(module, function) of `package.module:function` or `package.module.function`; None for anything else."""
+    module, sep, attribute = name.rpartition(":") if ":" in name else name.rpartition(".")
+    return (module, attribute) if sep and module and attribute else None
+
+
+def import_loss_function(name: str):
+    """The function a dotted-path loss.type names; ValueError saying why when it cannot be had."""
+    import importlib
+
+    path = _dotted_path(name)
+    if path is None:
+        raise ValueError(f"loss.type {name!r} is not one of {', '.join(LOSS_TYPES)} nor a dotted path module:function")
+    try:
+        function = getattr(importlib.import_module(path[0]), path[1])
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"loss.type {name!r} could not be imported: {error}") from None
+    if not callable(function):
+        raise ValueError(f"loss.type {name!r} is not callable")
+    return function
+
+
+def check_loss_import(config: RecipeConfig) -> None:
+    """A loss.type of your own imports and is callable; if not, a ConfigError naming the flag or file that gave it.
+
+    Not part of `load_config`, which also reads saved run configs for `report`, which computes no loss: a run trained
+    with a module that is not importable here still reports. Training, scoring and print-config call this.
+    """
+    if config.loss.type in LOSS_TYPES:
+        return
+    try:
+        import_loss_function(config.loss.type)
+    except ValueError as error:
+        raise ConfigError(f"{config.origin('loss.type')}: {error}") from None
 
 
 # Attention implementations that read the shared-prompt layout's 4D mask (see `packing.SHARED_PROMPT_MASKS`).
@@ -386,6 +430,12 @@ def _validate(config: RecipeConfig) -> None:
             f"{config.origin('model.attn_implementation')}: model.attn_implementation {config.model.attn_implementation!r} "
             f"cannot read the shared-prompt mask: use one of {', '.join(SHARED_PROMPT_ATTENTION)}, or set training.prompt_sharing: false"
         )
+    if config.loss.type not in LOSS_TYPES and _dotted_path(config.loss.type) is None:
+        raise ConfigError(
+            f"{config.origin('loss.type')}: loss.type must be one of {', '.join(LOSS_TYPES)} (or TRL's "
+            f"{', '.join(f'{trl} for {ours}' for trl, ours in TRL_LOSS_NAMES.items())}), or a dotted path "
+            f"package.module:function to a loss of your own (got {config.loss.type!r})"
+        )
     for target in config.logging.report_to:
         if target not in REPORT_TARGETS:
             raise ConfigError(f"{config.origin('logging.report_to')}: logging.report_to must list some of {', '.join(REPORT_TARGETS)} (got {target!r})")
@@ -424,6 +474,12 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if config.model.tiny is not None and config.model.name_or_path is not None:
         config.model.tokenizer = config.model.tokenizer or config.model.name_or_path
         config.model.name_or_path = None
+    if config.loss.type == "sigmoid" and config.loss.label_smoothing:  # then not the same loss as our dpo
+        raise ConfigError(
+            f"{config.origin('loss.type')}: loss.type sigmoid is TRL 1.16's plain DPO loss, which ignores "
+            f"loss.label_smoothing ({config.loss.label_smoothing}): for conservative DPO set loss.type: cdpo"
+        )
+    config.loss.type = TRL_LOSS_NAMES.get(config.loss.type, config.loss.type)
     if config.training.prompt_sharing is None and config.model.attn_implementation not in SHARED_PROMPT_ATTENTION:
         config.training.prompt_sharing = False  # "auto" on any device: this attention cannot read the shared mask
     _validate(config)

@@ -1,15 +1,18 @@
-"""Evaluation of trained checkpoints on held-out pairs, and two ways to look at a policy by hand.
+"""Evaluation of trained checkpoints on held-out pairs, and ranking two responses by hand.
 
 - `evaluate_paths`: DPO loss, implicit rewards, accuracy (ties apart), log-probs and bootstrap CIs on a run's test
   pairs (or any preference dataset), written as `eval_<dataset>.json` beside each checkpoint. Reference log-probs come
   from the on-disk cache the trainer uses, so evaluating ten checkpoints costs at most one reference pass.
 - `rank_responses`: which of two responses a checkpoint prefers, by implicit reward beta * (log pi - log pi_ref).
-- `write_generations`: policy and reference samples for a few test prompts, side by side in markdown.
+
+Policy and reference samples side by side are `generate`'s, which scores nothing but reads models the same way.
 
 Everything is read back from what training left in the run directory: the resolved `config.yaml`, the tokenizer
 saved with each checkpoint, `data_indices.json`, and (for locally built models) the initial model in `reference/`.
 A model directory outside any run (a `merge` output, any Hugging Face model) has none of that, so the caller names
-its reference model (`--reference`), β (`--beta`) and, to evaluate or sample, its pairs (`--data`).
+its reference model (`--reference`) and, to evaluate or sample, its pairs (`--data`). How it reads data (format,
+lengths) and its loss and β come from the `scoring.json` every model directory the recipe writes carries; any
+other model directory takes `--format` and `--beta`.
 """
 
 from __future__ import annotations
@@ -17,16 +20,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig
+from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig, check_loss_import
 from .data import (
     ASSISTANT_MARKER,
     CHAT_FORMATS,
@@ -35,7 +38,6 @@ from .data import (
     DataError,
     DataReport,
     PreferencePair,
-    encode_pairs,
     load_text_splits,
     read_messages,
     read_pairs,
@@ -50,8 +52,8 @@ from .rundir import (
     ADAPTER_CONFIG_FILE,
     BEST_FILE,
     DATA_INDICES_FILE,
-    DATA_REPORT_FILE,
     RUN_CONFIG_FILE,
+    SCORING_FILE,
     TEST_DATASET,
     checkpoint_epoch,
     eval_file_name,
@@ -59,7 +61,11 @@ from .rundir import (
     is_checkpoint,
     is_run_dir,
     load_run_config,
+    read_scoring_settings,
     reference_dir,
+    scoring_settings,
+    trained_format,
+    write_scoring_settings,
 )
 
 if TYPE_CHECKING:
@@ -135,32 +141,46 @@ def model_context(model_dir: Path) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-def scoring_config(checkpoint: Path, reference: str | None = None, beta: float | None = None) -> tuple[RecipeConfig, Path]:
+def scoring_config(
+    checkpoint: Path, reference: str | None = None, beta: float | None = None, data_format: str | None = None
+) -> tuple[RecipeConfig, Path]:
     """The config and directory that score a checkpoint: its run's, or for a model directory outside any run one made
-    from `reference` (the model it was trained from) and `beta`, with the recipe's defaults for everything else."""
+    from `reference` (the model it was trained from) and the directory's `scoring.json` (how its run read data and
+    scored pairs: a `merge` output, or an epoch copied out of its run); `beta` and `data_format` stand in for it in a
+    model directory the recipe did not write. Everything else takes the recipe's defaults."""
     run_dir = checkpoint.resolve().parent
     if is_run_dir(run_dir):
-        if reference is not None or beta is not None:
+        if reference is not None or beta is not None or data_format is not None:
             raise ConfigError(
-                f"{checkpoint}: --reference and --beta are for model directories outside a run; this checkpoint's run "
-                f"({run_dir}) records both in its {RUN_CONFIG_FILE}"
+                f"{checkpoint}: --reference, --beta and --format are for model directories outside a run; this "
+                f"checkpoint's run ({run_dir}) records them in its {RUN_CONFIG_FILE}"
             )
         return load_run_config(run_dir), run_dir
+    recorded = read_scoring_settings(checkpoint)
+    if recorded is not None and data_format is not None:
+        raise ConfigError(
+            f"{checkpoint}: --format is for model directories that do not record their format; this one was trained "
+            f"on {recorded['data']['trained_format']} data (its {SCORING_FILE})"
+        )
+    beta_default = f"its {SCORING_FILE} gives {recorded['loss']['beta']:g}" if recorded else f"default {LossConfig.beta}"
     if reference is None:
         raise ConfigError(
             f"{checkpoint}: no run {RUN_CONFIG_FILE} beside this model directory, so give --reference (the model it was "
             f"trained from: a local directory or hub id; for a merged LoRA run, checkpoints/<run>/reference or its base "
-            f"model) and --beta (default {LossConfig.beta})"
+            f"model) and --beta ({beta_default})"
         )
     if beta is not None and not beta > 0:
         raise ConfigError(f"--beta must be > 0 (got {beta})")
-    context = model_context(checkpoint)
-    config = RecipeConfig(
-        run_name=checkpoint.resolve().name,
-        model=ModelConfig(name_or_path=reference),
-        data=DataConfig(max_length=min(DataConfig.max_length, context or DataConfig.max_length)),
-        loss=LossConfig(beta=LossConfig.beta if beta is None else beta),
-    )
+    if recorded is not None:
+        data = DataConfig(**{key: value for key, value in recorded["data"].items() if key != "trained_format"})
+        loss = LossConfig(**recorded["loss"])
+    else:
+        context = model_context(checkpoint)
+        data = DataConfig(format=data_format or "auto", max_length=min(DataConfig.max_length, context or DataConfig.max_length))
+        loss = LossConfig()
+    if beta is not None:
+        loss.beta = beta
+    config = RecipeConfig(run_name=checkpoint.resolve().name, model=ModelConfig(name_or_path=reference), data=data, loss=loss)
     config.source_file = f"{checkpoint} (with --reference {reference})"
     return config, checkpoint.resolve()
 
@@ -201,7 +221,9 @@ def merge_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     model = load_policy_model(config, checkpoint.parent, checkpoint, tokenizer, fused_lm_head=False).merge_and_unload()
     out = Path(out)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)  # with the chat template the run rendered its messages with
+    # Outside the run, the merged model still reads data and scores pairs as its run did (see `scoring_config`).
+    write_scoring_settings(out, scoring_settings(config, trained_format(checkpoint.parent, config.data)))
     return out
 
 
@@ -235,6 +257,7 @@ class RunScorer:
             self.tokenizer.pad_token_id, self.config.training.prompt_sharing, self.config.training.pad_to_multiple_of
         )
         self.batch_size = batch_size or forward_batch_size(self.config.training.eval_batch_size)
+        check_loss_import(self.config)
         self.loss_fn = resolve_loss(self.config.loss.type, self.config.loss.label_smoothing, self.config.loss.rpo_alpha)
         self.beta = self.config.loss.beta
 
@@ -266,12 +289,8 @@ class RunScorer:
 
     @property
     def data_format(self) -> str:
-        """The format the run's data was read in: as configured, or as detected and recorded in data_report.json."""
-        if self.config.data.format != "auto":
-            return self.config.data.format
-        report = self.run_dir / DATA_REPORT_FILE
-        formats = json.loads(report.read_text()).get("formats", {}) if report.is_file() else {}
-        return next(iter(formats.values()), "hh-rlhf")
+        """The format the model was trained on, which prompts given on the command line are shaped in."""
+        return trained_format(self.run_dir, self.config.data)
 
     def tokenize(self, pairs: list[PreferencePair], split: str, report: DataReport) -> Dataset:
         return tokenize_pairs(pairs, self.tokenizer, self.config.data, split, report)
@@ -314,10 +333,14 @@ class RunScorer:
 
 
 def dataset_name(source: str) -> str:
-    """A file-name-safe name for a dataset given on the command line: its file stem or hub id."""
-    name = Path(source).name if Path(source).exists() else source
-    name = re.sub(r"\.(jsonl|json|parquet|csv)(\.gz)?$", "", name)
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "data"
+    """A file-name-safe name for a dataset given on the command line, one per dataset: its file name (suffix kept, so
+    conv.jsonl and conv.parquet differ, and no file is taken for the run's `test` split) or hub id, then a digest of
+    its resolved path or id (so two conv.jsonl in different folders differ too)."""
+    path = Path(source)
+    local = path.exists()
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name if local else source).strip("_") or "data"
+    digest = hashlib.sha256(str(path.resolve() if local else source).encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
 
 
 class RunEvaluator:
@@ -396,17 +419,18 @@ def evaluate_paths(
     bootstrap_samples: int = BOOTSTRAP_SAMPLES,
     reference: str | None = None,
     beta: float | None = None,
+    data_format: str | None = None,
 ) -> list[dict]:
     """Evaluate every checkpoint the paths name, one run at a time so each run loads its data and reference once.
 
-    A model directory outside any run is scored against `reference` at `beta`, on `data_source`.
+    A model directory outside any run is scored against `reference`, on `data_source` (see `scoring_config`).
     """
     by_run: dict[Path, tuple[RecipeConfig, list[Path]]] = {}
     for path in paths:
         for checkpoint in find_checkpoints(path, all_epochs):
             run_dir = checkpoint.parent if is_run_dir(checkpoint.parent) else checkpoint
             if run_dir not in by_run:
-                config, _ = scoring_config(checkpoint, reference, beta)
+                config, _ = scoring_config(checkpoint, reference, beta, data_format)
                 if run_dir == checkpoint and data_source is None:
                     raise ConfigError(f"{path}: a model directory outside any run has no test pairs; give --data FILE")
                 by_run[run_dir] = (config, [])
@@ -469,7 +493,10 @@ def rank_pair(index: int, triple: dict, data_format: str) -> PreferencePair:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return PreferencePair(index, messages, *([{"role": "assistant", "content": r.strip()}] for r in (a, b)))
     if not isinstance(prompt, str):
-        raise DataError(f"rank: the prompt of pair {index + 1} is a message list, but the run was trained on {data_format} text")
+        raise DataError(
+            f"rank: the prompt of pair {index + 1} is a message list, but the model was trained on {data_format} text "
+            "(a model directory outside a run that records no format takes --format)"
+        )
     if data_format == "hh-rlhf":
         return PreferencePair(index, *as_dialogue(prompt, a), as_dialogue(prompt, b)[1])
     return PreferencePair(index, prompt, *(r if r.strip() else "" for r in (a, b)))
@@ -544,10 +571,12 @@ def read_rank_triples(path: str | Path) -> list[dict[str, Any]]:
     return triples
 
 
-def _scorer_for(checkpoint: Path, reference: str | None, beta: float | None, batch_size: int | None = None) -> RunScorer:
+def scorer_for(
+    checkpoint: Path, reference: str | None, beta: float | None, data_format: str | None, batch_size: int | None = None
+) -> RunScorer:
     if not is_checkpoint(checkpoint):
         raise ConfigError(f"{checkpoint}: not a model directory (no config.json or {ADAPTER_CONFIG_FILE})")
-    config, run_dir = scoring_config(checkpoint, reference, beta)
+    config, run_dir = scoring_config(checkpoint, reference, beta, data_format)
     return RunScorer(run_dir, checkpoint, batch_size, config)
 
 
@@ -557,10 +586,11 @@ def rank_responses(
     batch_size: int | None = None,
     reference: str | None = None,
     beta: float | None = None,
+    data_format: str | None = None,
 ) -> list[dict]:
     """Each response's implicit reward under the checkpoint, and which one it prefers ("a", "b" or "tie")."""
     given = Path(checkpoint)
-    scorer = _scorer_for(given, reference, beta, batch_size)
+    scorer = scorer_for(given, reference, beta, data_format, batch_size)
     checkpoint = given.resolve()
     # Response A is scored as "chosen" and B as "rejected": exactly the two branches of a training pair.
     pairs = [rank_pair(i, triple, scorer.data_format) for i, triple in enumerate(triples)]
@@ -594,116 +624,3 @@ def rank_table(results: list[dict]) -> str:
         for i, r in enumerate(results)
     ]  # fmt: skip
     return markdown_table(["#", "response A", "reward A", "response B", "reward B", "prefers"], rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Generation.
-
-
-@dataclass
-class SamplingSettings:
-    num_prompts: int = 4
-    max_new_tokens: int = 48
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int = 0
-
-
-def _sample(model, tokenizer, prompt_ids: list[int], settings: SamplingSettings, seed: int) -> str:
-    from transformers import set_seed
-
-    set_seed(seed)  # the same seed for policy and reference, so differences come from the weights
-    input_ids = torch.tensor([prompt_ids], device=model.device)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        do_sample=True,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        max_new_tokens=settings.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    text = tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)
-    # A dialogue model goes on to write the next human turn; the answer ends where that begins.
-    return text.split(HUMAN_MARKER)[0].strip()
-
-
-def _transcript(messages: list[dict[str, str]]) -> str:
-    return "\n".join(f"{message['role']}: {message['content']}" for message in messages)
-
-
-def _cell(text: str) -> str:
-    # An undertrained model emits control characters too; in a table cell they would break the row.
-    text = "".join(c if c.isprintable() or c == "\n" else " " if c == "\t" else "\ufffd" for c in text)
-    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-    return escaped.replace("\n", "<br>") or "*(empty)*"
-
-
-def write_generations(
-    checkpoint: str | Path,
-    settings: SamplingSettings | None = None,
-    out: Path | None = None,
-    reference: str | None = None,
-    data_source: str | None = None,
-    prompts_file: str | Path | None = None,
-) -> Path:
-    """Sample from the policy and the reference for the first test prompts (or those of `data_source`, or every prompt
-    of `prompts_file`); write them side by side in markdown."""
-    settings = settings or SamplingSettings()
-    given = Path(checkpoint)
-    scorer = _scorer_for(given, reference, None)
-    checkpoint = given.resolve()
-    max_length = scorer.config.data.max_length
-    if not 0 < settings.max_new_tokens < max_length:
-        raise ConfigError(f"--max-new-tokens must be in [1, data.max_length={max_length}) (got {settings.max_new_tokens})")
-    if settings.num_prompts < 1 or settings.temperature <= 0 or not 0 < settings.top_p <= 1:
-        raise ConfigError(f"generate: need --num-prompts >= 1, --temperature > 0 and --top-p in (0, 1] (got {settings})")
-    report = DataReport()
-    if prompts_file is not None:  # prompts only: no dataset response to show beside the samples
-        prompts = read_prompts(prompts_file)
-        pairs = [rank_pair(i, {"prompt": p, "response_a": "", "response_b": ""}, scorer.data_format) for i, p in enumerate(prompts)]
-    else:
-        pairs = (scorer.read_pairs(data_source, report) if data_source else scorer.test_pairs(report))[: settings.num_prompts]
-    source = f"prompts from {prompts_file}" if prompts_file else f"prompts from {data_source}" if data_source else "test prompts"
-    if not pairs:
-        raise DataError(f"{scorer.config_file}: the run has no test pairs to take prompts from")
-    models = {
-        f"policy ({checkpoint.name})": scorer.policy_model(checkpoint, fused_lm_head=False).to(scorer.device),
-        "reference": load_reference_model(scorer.config, scorer.run_dir, scorer.tokenizer).to(scorer.device),
-    }
-    lines = [
-        f"# Samples: {scorer.run_dir.name} / {checkpoint.name} vs. the reference",
-        "",
-        f"{len(pairs)} {source}; sampling with temperature {settings.temperature}, top-p {settings.top_p}, "
-        f"at most {settings.max_new_tokens} new tokens, seed {settings.seed} (the same per prompt for both models). "
-        f"Each answer is cut where the model starts a new '\\n\\nHuman:' turn. Long prompts keep their last "
-        f"{max_length - settings.max_new_tokens} tokens.",
-        "",
-    ]
-    for number, pair in enumerate(pairs, start=1):
-        (prompt_ids, _, _), *_ = encode_pairs([pair], scorer.tokenizer, scorer.config.data, "generate")[0]
-        prompt_ids = prompt_ids[-(max_length - settings.max_new_tokens) :]
-        seed = settings.seed + number
-        with torch.no_grad(), scorer.autocast():
-            samples = {name: _sample(model, scorer.tokenizer, prompt_ids, settings, seed) for name, model in models.items()}
-        columns, cells = list(models), [_cell(text) for text in samples.values()]
-        if prompts_file is None:
-            columns, cells = columns + ["dataset's chosen response"], cells + [_cell(pair.texts()[1].strip())]
-        where = "line" if prompts_file else "row" if data_source else "test pair"
-        lines += [
-            f"## Prompt {number} ({where} {pair.index + 1 if prompts_file else pair.index})",
-            "",
-            "```text",
-            pair.texts()[0].strip() if isinstance(pair.prompt, str) else _transcript(pair.prompt),
-            "```",
-            "",
-            "| " + " | ".join(columns) + " |",
-            "|" + "---|" * len(columns),
-            "| " + " | ".join(cells) + " |",
-            "",
-        ]
-    out = out or scorer.run_dir / f"generations_{checkpoint.name}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    return out

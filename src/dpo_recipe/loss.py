@@ -12,12 +12,13 @@ closed form; and RPO's NLL (`rpo_alpha`) is taken per pair, then averaged (see `
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .config import TRL_LOSS_NAMES, import_loss_function
 
 LossOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], LossOutput]
@@ -166,10 +167,11 @@ def _passing_token_counts(function: Callable) -> LossFn:
 def resolve_loss(loss_type: str, label_smoothing: float = 0.0, rpo_alpha: float | None = None) -> LossFn:
     """Map a config's `loss` section to a callable with `dpo_loss`'s signature (token counts as keywords).
 
-    Anything that is not a built-in name is read as `package.module:function` (or `package.module.function`); such a
-    function may leave out the token-count keywords. `rpo_alpha` adds RPO's NLL term to any of them.
+    Anything that is not a built-in name (or TRL's name for one, `sigmoid`) is read as `package.module:function` (or
+    `package.module.function`); such a function may leave out the token-count keywords. `rpo_alpha` adds RPO's NLL
+    term to any of them.
     """
-    loss_fn = _base_loss(loss_type, label_smoothing)
+    loss_fn = _base_loss(TRL_LOSS_NAMES.get(loss_type, loss_type), label_smoothing)
     return with_chosen_nll(loss_fn, rpo_alpha) if rpo_alpha else loss_fn
 
 
@@ -178,15 +180,4 @@ def _base_loss(loss_type: str, label_smoothing: float) -> LossFn:
         return functools.partial(BUILTIN_LOSSES[loss_type], label_smoothing=label_smoothing)
     if loss_type in BUILTIN_LOSSES:
         return BUILTIN_LOSSES[loss_type]
-    module_name, sep, attribute = loss_type.rpartition(":") if ":" in loss_type else loss_type.rpartition(".")
-    if not sep or not module_name:
-        raise ValueError(
-            f"loss.type {loss_type!r} is not one of {', '.join(BUILTIN_LOSSES)} nor a dotted path module:function"
-        )
-    try:
-        function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"loss.type {loss_type!r} could not be imported: {error}") from None
-    if not callable(function):
-        raise ValueError(f"loss.type {loss_type!r} is not callable")
-    return _passing_token_counts(function)
+    return _passing_token_counts(import_loss_function(loss_type))

@@ -99,7 +99,9 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
             **{
                 "n_positions": max(max_length, 64),
                 "vocab_size": len(tokenizer),
-                "bos_token_id": tokenizer.eos_token_id,
+                # The tokenizer's own ids (a local BPE has no BOS: end-of-sequence stands in), so Trainer finds
+                # nothing to align and says nothing about it.
+                "bos_token_id": tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id,
                 "eos_token_id": tokenizer.eos_token_id,
                 **config.tiny,
             }

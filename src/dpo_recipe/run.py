@@ -27,7 +27,7 @@ from .callbacks import (
     StepEvaluation,
     early_stop_line,
 )
-from .config import ConfigError, RecipeConfig, describe_model
+from .config import ConfigError, RecipeConfig, check_loss_import
 from .curves import plot_run
 from .data import load_run_data, prepare_data
 from .loss import resolve_loss
@@ -40,10 +40,14 @@ from .rundir import (
     TENSORBOARD_DIR,
     atomic_write,
     checkpoint_epoch,
+    check_resumed_config,
     epoch_dirs,
     forget_records_after,
     latest_checkpoint,
+    record_config_changes,
     reference_dir,
+    scoring_settings,
+    trained_format,
     write_best,
 )
 from .totals import RunningTotals
@@ -55,7 +59,8 @@ def batch_plan(config: RecipeConfig, world_size: int) -> tuple[int, int]:
     effective = config.training.effective_batch_size
     if effective % world_size:
         raise ConfigError(
-            f"{config.source_file}: training.effective_batch_size {effective} is not divisible by {world_size} processes"
+            f"{config.origin('training.effective_batch_size')}: training.effective_batch_size {effective} is not "
+            f"divisible by {world_size} processes"
         )
     micro = min(config.training.per_device_batch_size, effective // world_size)
     while (effective // world_size) % micro:
@@ -98,6 +103,10 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         # On a GPU, batches are copied from pinned memory without making the host wait for the copy.
         dataloader_pin_memory=on_gpu(),
         accelerator_config={"non_blocking": on_gpu()},
+        # Every trainable parameter takes part in every forward (the reference pass is precomputed and frozen weights
+        # are not tracked), so DDP need not search the graph for unused ones each step; transformers' default (True
+        # without checkpointing) costs that search and a warning from every process.
+        ddp_find_unused_parameters=False,
         # transformers' own nan filter reads every step's loss on the host; the divergence guard reads at log steps.
         logging_nan_inf_filter=False,
         **{CHECKPOINTING_ARGUMENT: training.gradient_checkpointing},
@@ -165,15 +174,13 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     # Without a GPU, processes started by `accelerate launch` join one gloo group (MULTI_CPU) instead of each
     # training alone; under an FSDP launch config the trainer then shards over it (`_fsdp_over_gloo`).
     state = PartialState(cpu=not torch.cuda.is_available())
-    precision = resolve_precision(config.training.precision, config.source_file)
-    try:  # before any data or model work, so a typo in loss.type costs nothing
-        loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha)
-    except ValueError as error:
-        raise ConfigError(f"{config.source_file}: {error}") from None
+    precision = resolve_precision(config.training.precision, config.origin("training.precision"))
+    check_loss_import(config)  # before any data or model work, so a typo in loss.type costs nothing
+    loss_fn = resolve_loss(config.loss.type, config.loss.label_smoothing, config.loss.rpo_alpha)
     if config.model.lora is not None and fsdp_requested():
         raise ConfigError(
-            f"{config.source_file}: model.lora is not supported under FSDP (an adapter's model fits each device: "
-            "launch with multi_gpu.yaml)"
+            f"{config.origin('model.lora')}: model.lora is not supported under FSDP (an adapter's model fits each "
+            "device: launch with multi_gpu.yaml)"
         )
     run_dir = config.run_dir
     resume_from = None
@@ -181,6 +188,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
+        resumed_changes = check_resumed_config(config)
         check_not_early_stopped(run_dir, resume_from, config)
         print(f"resuming {run_dir} from {resume_from.name} (step {_checkpoint_step(resume_from)})", flush=True)
     elif config.training.overwrite:  # every process takes this branch, so the barrier below is always matched
@@ -210,8 +218,10 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
             model.save_pretrained(reference_dir(run_dir))
             tokenizer.save_pretrained(reference_dir(run_dir))
         if resume_from is not None:
+            resumed_epoch = checkpoint_epoch(resume_from)
             forget_records_after(run_dir, _checkpoint_step(resume_from))
             write_best(run_dir, config.training.best_metric)
+            record_config_changes(run_dir, resumed_changes, _checkpoint_step(resume_from), resumed_epoch)
     state.wait_for_everyone()
 
     if "wandb" in config.logging.report_to:
@@ -240,7 +250,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         loss_fn=loss_fn,
         reference_cache_dir=config.training.reference_cache_dir,
         totals=totals,
-        model_description=describe_model(config.model),
+        scoring=scoring_settings(config, trained_format(run_dir, config.data)),
     )
     if config.training.eval_steps:
         trainer.add_callback(StepEvaluation(config.training.eval_steps))

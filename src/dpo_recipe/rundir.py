@@ -7,10 +7,13 @@
       metrics.jsonl          one record per line: `epoch` (one per epoch), `step` and `eval` (see RECORD_KINDS)
       epoch-<k>/             a complete checkpoint; the name is only ever given to a finished save
         running_totals.json  the epoch's and the log line's running sums, for resuming inside them
+        scoring.json         how the model reads data and scores pairs (also in a `merge` output)
         eval_<data>.json     evaluation of that checkpoint on a dataset
       best -> epoch-<k>      the best epoch by validation, with best.json saying by what (and its weights' step)
       reference/             the starting model, when it was built locally (evaluation's reference)
       run_info.json          each training session's wall time, device and software; how early stopping ended it
+      run_info.json          each training session's wall time, device and software; settings --resume changed
+      README.md              the model card: usage in the run's data format, the training procedure
       tensorboard/           event files, when logging.report_to has tensorboard
 
 Training, evaluation and reporting all read and write through these names and functions.
@@ -22,8 +25,9 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, RecipeConfig, load_config
+from .config import ConfigError, DataConfig, RecipeConfig, load_config
 
 EPOCH_PREFIX = "epoch-"
 METRICS_FILE = "metrics.jsonl"
@@ -35,6 +39,8 @@ DATA_REPORT_FILE = "data_report.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 TEST_DATASET = "test"
 RUN_INFO_FILE = "run_info.json"
+SCORING_FILE = "scoring.json"
+MODEL_CARD_FILE = "README.md"  # TRL's model card, completed by `card`
 TENSORBOARD_DIR = "tensorboard"
 REFERENCE_DIR = "reference"
 TOTALS_FILE = "running_totals.json"
@@ -220,3 +226,113 @@ def find_checkpoints(path: str | Path, all_epochs: bool = False) -> list[Path]:
 def checkpoint_epoch(checkpoint: Path) -> int | None:
     suffix = checkpoint.name[len(EPOCH_PREFIX) :]
     return int(suffix) if checkpoint.name.startswith(EPOCH_PREFIX) and suffix.isdigit() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a model directory needs to be scored as its run scored it, when it is read outside that run.
+
+
+def scoring_settings(config: RecipeConfig, trained_format: str) -> dict[str, Any]:
+    """How a model of this run reads data and scores pairs: written into every model directory the recipe writes
+    (epoch checkpoints, `merge` outputs), so `eval`, `rank` and `generate` read a copy or a merge as the run did.
+
+    `format` is data.format as configured (how a data file given with --data is read: `auto` detects it from its
+    columns); `trained_format` is what the training data was read as (how rank and generate shape your prompts). The
+    chat template that rendered messages is the one in the directory's tokenizer files.
+    """
+    data, loss = config.data, config.loss
+    return {
+        "data": {"format": data.format, "trained_format": trained_format, "max_length": data.max_length,
+                 "min_prompt_tokens": data.min_prompt_tokens},
+        "loss": {"type": loss.type, "beta": loss.beta, "label_smoothing": loss.label_smoothing, "rpo_alpha": loss.rpo_alpha},
+    }  # fmt: skip
+
+
+def write_scoring_settings(model_dir: Path, settings: dict[str, Any]) -> None:
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(model_dir) / SCORING_FILE, json.dumps(settings, indent=2) + "\n")
+
+
+def read_scoring_settings(model_dir: Path) -> dict[str, Any] | None:
+    path = Path(model_dir) / SCORING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def trained_format(directory: Path, data: DataConfig) -> str:
+    """The format a run's training data was read in: data.format when it names one, else what was detected (the
+    run's data_report.json, or a model directory's scoring.json); hh-rlhf, the study's format, when nothing says."""
+    if data.format != "auto":
+        return data.format
+    report = Path(directory) / DATA_REPORT_FILE
+    formats = json.loads(report.read_text()).get("formats", {}) if report.is_file() else {}
+    if formats:
+        return next(iter(formats.values()))  # the training source is read first
+    recorded = read_scoring_settings(directory)
+    return recorded["data"]["trained_format"] if recorded else "hh-rlhf"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --resume: the run goes on with the recipe it was trained with.
+
+# Keys a resumed run may change: how far it goes, what it records, which epochs it keeps, where its files live.
+# Every other key shaped the epochs already trained; changed halfway, the run would mix two recipes (a β change,
+# say, makes best-epoch selection compare validation losses taken at different β).
+RESUMABLE_KEYS = (
+    "training.num_epochs", "training.max_steps", "training.early_stopping_patience", "training.eval_steps",
+    "training.logging_steps", "training.keep_epochs", "training.output_dir", "training.reference_cache_dir",
+    "training.overwrite", "data.strict", "run_name",
+)  # fmt: skip
+RESUMABLE_SECTIONS = ("logging.",)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: RecipeConfig, config: RecipeConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, new value) for every key whose value differs; a key one side lacks is None there."""
+    old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+    keys = list(old) + [key for key in new if key not in old]
+    return [(key, old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)]
+
+
+def resumable(key: str) -> bool:
+    return key in RESUMABLE_KEYS or key.startswith(RESUMABLE_SECTIONS)
+
+
+def check_resumed_config(config: RecipeConfig) -> list[tuple[str, Any, Any]]:
+    """The changes --resume makes to the run's saved config.yaml; any that is not resumable is a ConfigError naming
+    each key, its old and new values (and the --set flag that gave a new one), and the ways out."""
+    changes = config_changes(load_run_config(config.run_dir), config)
+    refused = [(key, old, new) for key, old, new in changes if not resumable(key)]
+    if refused:
+        listed = "; ".join(
+            f"{key} {old!r} → {new!r}" + (f" ({config.origin(key)})" if config.origin(key) != config.source_file else "")
+            for key, old, new in refused
+        )
+        raise ConfigError(
+            f"--resume: {config.run_dir} was trained with other settings: {listed}. A resumed run may change only how "
+            f"long it trains, what it logs and which epochs it keeps (training.num_epochs, max_steps, "
+            f"early_stopping_patience, eval_steps, logging_steps, keep_epochs; logging.*): drop the change to resume, "
+            f"or start over with --overwrite, or train it as a new run with --set run_name=<new name>"
+        )
+    return [(key, old, new) for key, old, new in changes if key != "training.overwrite"]
+
+
+def record_config_changes(run_dir: Path, changes: list[tuple[str, Any, Any]], step: int, epoch: int) -> None:
+    """Resumable changes go into run_info.json with the step (and epoch) they apply from, so the run's record says
+    that epochs after it ran on other settings."""
+    if not changes:
+        return
+    path = Path(run_dir) / RUN_INFO_FILE
+    info = json.loads(path.read_text()) if path.is_file() else {"sessions": []}
+    info.setdefault("config_changes", []).extend(
+        {"from_step": step, "after_epoch": epoch, "key": key, "old": old, "new": new} for key, old, new in changes
+    )
+    atomic_write(path, json.dumps(info, indent=2))

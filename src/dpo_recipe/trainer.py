@@ -8,7 +8,9 @@ What it changes, and why:
 - every logged mean is an exact per-pair mean (`totals`), each pair counted once per pass;
 - a LoRA adapter keeps its dropout, which TRL's `disable_dropout` would zero with the model's;
 - an FSDP launch shards on CPU too (accelerate engages FSDP on GPUs only), and FSDP epoch checkpoints also hold the
-  whole model, so every command loads them as ordinary HF model directories.
+  whole model, so every command loads them as ordinary HF model directories;
+- every saved model directory carries the run's `scoring.json` (how it reads data), and TRL's model card gets a usage
+  example in the run's data format and the training procedure (`card`).
 Everything else (optimizer, schedule, mixed precision, DDP/FSDP/DeepSpeed, saving, resuming) is TRL/Trainer's own.
 The callbacks that write the run directory are in `callbacks`; the run that ties a config to checkpoints is `run`.
 """
@@ -41,7 +43,8 @@ from trl.trainer.utils import use_adapter
 from .models import model_fingerprint, restore_adapter_dropout
 from .packing import LengthBucketSampler, dataset_pair_logps, install_scoring_head, row_lengths, score_pairs
 from .reference import cache_path, cached_reference_logps, with_reference_columns
-from .rundir import BEST_LINK, TOTALS_FILE, atomic_write
+from .card import complete_model_card
+from .rundir import MODEL_CARD_FILE, TOTALS_FILE, atomic_write, is_run_dir, write_scoring_settings
 from .totals import LOGGED_MEANS, RunningTotals
 
 
@@ -68,10 +71,11 @@ class WideLengthGroupedSampler(LengthGroupedSampler):
 class RecipeDPOTrainer(DPOTrainer):
     def __init__(
         self, *args, model, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, ref_model=None,
-        model_description: str | None = None, **kwargs,
+        scoring: dict | None = None, **kwargs,
     ):
         self.loss_fn = loss_fn
-        self.model_description = model_description
+        # `rundir.scoring_settings` of the run, written into every saved model directory; None outside a run.
+        self.scoring = scoring
         self.reference_cache_dir = reference_cache_dir
         self.reference_cache_hits: dict[str, bool] = {}
         self.totals = totals or RunningTotals()
@@ -99,15 +103,10 @@ class RecipeDPOTrainer(DPOTrainer):
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if not self.is_world_process_zero() or self.model_description is None:
-            return
-        # TRL's card links a hub base model and a hub repo; a local or locally built model has neither, and the card
-        # would say "a fine-tuned version of [None]" and load model "None".
-        card = Path(self.args.output_dir) / "README.md"
-        text = card.read_text().replace(
-            "a fine-tuned version of [None](https://huggingface.co/None)", f"a fine-tuned version of {self.model_description}"
-        )
-        card.write_text(text.replace('model="None"', f'model="{Path(self.args.output_dir) / BEST_LINK}"'))
+        run_dir = Path(self.args.output_dir)
+        if self.is_world_process_zero() and is_run_dir(run_dir):  # a run's card: usage and training procedure
+            card = run_dir / MODEL_CARD_FILE
+            card.write_text(complete_model_card(card.read_text(), run_dir))
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # A tied LM head is saved once, as the input embedding, so its key is "missing" on every resume by design.
@@ -217,6 +216,8 @@ class RecipeDPOTrainer(DPOTrainer):
         self._resumed_totals = json.loads(saved.read_text()) if saved is not None and saved.is_file() else None
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.totals.flush()
+        # TRL wrote the card before the last save; now the last epoch and the best one are known.
+        self.create_model_card(model_name=Path(self.args.output_dir).name)
         return output
 
     def _start_epoch_window(self, state) -> None:
@@ -241,6 +242,8 @@ class RecipeDPOTrainer(DPOTrainer):
                 state_dict.pop(tied, None)
             if self.args.should_save:
                 self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+        if self.scoring is not None and self.args.should_save:  # how this model reads data, wherever it is copied
+            write_scoring_settings(Path(output_dir or self.args.output_dir), self.scoring)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # TRL's own `log` averages per-batch means, so a short last batch weighs as much as a full one. Per-pair
