@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import EarlyStoppingCallback, TrainerCallback
 
+from .curves import plot_run
 from .rundir import EPOCH_PREFIX, append_record, apply_retention, write_best
 from .totals import LOGGED_MEANS, RunningTotals
 
@@ -43,7 +44,8 @@ class EpochRecorder(TrainerCallback):
     """Writes metrics.jsonl and the epoch checkpoints.
 
     At each logging step a `step` record; at each mid-epoch evaluation an `eval` record; at each epoch end the val
-    metrics, then an atomically named checkpoint, an `epoch` record, the best epoch and checkpoint retention.
+    metrics, then an atomically named checkpoint, an `epoch` record, the best epoch, checkpoint retention and the
+    plots.
     """
 
     def __init__(self, run_dir: Path, totals: RunningTotals, best_metric: str, keep_epochs: str = "all"):
@@ -100,6 +102,7 @@ class EpochRecorder(TrainerCallback):
         os.replace(saved, final)
         write_best(self.run_dir, self.best_metric)
         apply_retention(self.run_dir, final, self.keep_epochs)
+        plot_run(self.run_dir)  # a run stopped at any point still has plots of every epoch it finished
         print(_epoch_line(record), flush=True)
 
 
