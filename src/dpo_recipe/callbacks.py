@@ -154,16 +154,25 @@ def _epoch_line(record: dict) -> str:
 
 
 class InterruptGuard(TrainerCallback):
-    """SIGINT/SIGTERM stop training at the next step boundary; a save under way finishes first, none is started."""
+    """SIGINT/SIGTERM stop training at the next step boundary; a save under way finishes first, none is started.
+
+    The signal is deferred, never swallowed: once training has stopped and the handlers are restored, it is raised
+    again for whoever handled it before (Python's KeyboardInterrupt, a test runner, the default of ending the
+    process), so no caller mistakes a stopped run for a finished one. A caller that reports the stop first
+    (`run.run_training`: the resume command) sets `deliver_after_stop` to False and calls `deliver` itself.
+    """
 
     def __init__(self):
         self.interrupted = False
+        self.signal: int | None = None
+        self.deliver_after_stop = True
         self._previous = {}
 
     def _request_stop(self, signum, frame):
         if self.interrupted:  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
         self.interrupted = True
+        self.signal = signum
         print(f"\nreceived {signal.Signals(signum).name}: stopping after this step", file=sys.stderr, flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -176,8 +185,15 @@ class InterruptGuard(TrainerCallback):
             signal.signal(signum, handler)
         self._previous = {}
 
+    def deliver(self) -> None:
+        """The deferred signal, to the handler restored after training."""
+        if self.interrupted:
+            signal.raise_signal(self.signal)
+
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
+        if self.deliver_after_stop:
+            self.deliver()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.interrupted:
