@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/beta0.3.yaml
-HAS_GPU := $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
+# Probed (a torch import, seconds) only by the targets that launch training, not by every make.
+HAS_GPU = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 # One GPU: accelerate with bf16. No GPU: one plain process. Scale out with e.g.
 #   make train LAUNCH="$(BIN)/accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml"
 LAUNCH ?= $(if $(filter 1,$(HAS_GPU)),$(BIN)/accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml,$(BIN)/python)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,57 @@ from dpo_recipe.synthetic import synthetic_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
+# A two-process launch takes minutes on a 2-core machine that other jobs load; this bounds a hang, not a slow run.
+LAUNCH_TIMEOUT_S = 1800
+# A free port can be taken by another process (another test run on the machine) before the launcher binds it: only
+# that failure is worth a second launch.
+PORT_TAKEN = ("EADDRINUSE", "address already in use")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_launch(arguments: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`accelerate launch` on a free port (a launch config's fixed port may be another run's); output in log.out/.err."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *arguments]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
+    with open(log.with_suffix(".out"), "w") as stdout, open(log.with_suffix(".err"), "w") as stderr:
+        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=stdout, stderr=stderr)
+
+
+def stop_launch(process: subprocess.Popen) -> None:
+    """torchrun stops its ranks on SIGTERM; a launcher still there two minutes later is killed."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def launch(arguments: list[str], log: Path, env: dict | None = None, attempts: int = 3) -> str:
+    """`start_launch` run to the end; its stdout. A failed or hung launch fails the test with its output, and leaves
+    no process behind to slow the tests after it."""
+    for attempt in range(attempts):
+        process = start_launch(arguments, log, env)
+        try:
+            code = process.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            stop_launch(process)
+        stdout, stderr = log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text()
+        if code == 0:
+            return stdout
+        if code is None or not any(sign in stderr for sign in PORT_TAKEN) or attempt == attempts - 1:
+            raise AssertionError(
+                f"{'no exit after ' + str(LAUNCH_TIMEOUT_S) + ' s' if code is None else f'exit {code}'}\n"
+                f"--- stdout:\n{stdout[-1500:]}\n--- stderr:\n{stderr[-3000:]}"
+            )
 
 
 # ChatML, as SmolLM2 and Qwen render turns; it also renders a row's `tools` and two template variables
@@ -133,3 +187,43 @@ def smoke_config(tmp_path):
         )
 
     return make
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--test-order", choices=("default", "reverse", "shuffle"), default="default",
+        help="run the test modules, and the tests within each, in reverse or shuffled order: no test may depend on "
+        "another having run first (a module stays together, so its module fixtures are built once)",
+    )
+    parser.addoption("--test-order-seed", type=int, default=None, help="the shuffle's seed (default: random, printed)")
+
+
+def pytest_configure(config):
+    if config.getoption("--test-order") == "shuffle" and config.getoption("--test-order-seed") is None:
+        config.option.test_order_seed = int.from_bytes(os.urandom(2), "little")
+
+
+def pytest_report_header(config):
+    if config.getoption("--test-order") == "shuffle":
+        return f"test order: shuffled with --test-order-seed={config.getoption('--test-order-seed')}"
+    return f"test order: {config.getoption('--test-order')}"
+
+
+def pytest_collection_modifyitems(config, items):
+    order = config.getoption("--test-order")
+    if order == "default":
+        return
+    import random
+
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(modules.values())
+    if order == "reverse":
+        groups = [group[::-1] for group in groups[::-1]]
+    else:
+        shuffle = random.Random(config.getoption("--test-order-seed")).shuffle
+        shuffle(groups)
+        for group in groups:
+            shuffle(group)
+    items[:] = [item for group in groups for item in group]

@@ -245,6 +245,27 @@ def test_eval_of_a_path_that_is_no_run_is_a_one_line_error(tmp_path, capsys):
     assert error.startswith(f"error: {tmp_path}") and "\n" not in error
 
 
+def test_a_missing_reference_directory_is_named_by_its_flag(tmp_path, tiny_gpt2, tokenizer, monkeypatch, capsys):
+    """`--reference checkpoints/<run>/reference` of a run on a hub model (which keeps no reference/) names the flag,
+    not the "checkpoint", and says where a reference comes from."""
+    model_dir = tmp_path / "merged"
+    tiny_gpt2.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_rows("test", 4))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    expected = (
+        "error: --reference checkpoints/lora/reference: no such directory (only a run built from model.tiny keeps its "
+        "starting model, in <run>/reference; for any other run give the model it was trained from, its "
+        "model.name_or_path)"
+    )
+    for command in (["eval", str(model_dir), "--data", str(pairs)],
+                    ["rank", "--checkpoint", str(model_dir), "--prompt", "Hi?", "--response-a", "Hello.", "--response-b", "No."],
+                    ["generate", "--checkpoint", str(model_dir), "--data", str(pairs)]):  # fmt: skip
+        assert main([*command, "--reference", "checkpoints/lora/reference"]) == 2
+        assert capsys.readouterr().err.strip() == expected
+
+
 def _test_triples(run_dir: Path) -> list[dict]:
     """The run's test pairs, with the chosen response as A on even rows and as B on odd rows."""
     scorer = RunScorer(run_dir, run_dir / "best")

@@ -10,9 +10,7 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from dpo_recipe.evaluate import evaluate_paths
 from dpo_recipe.rundir import epoch_dirs, read_metrics
 from dpo_recipe.run import prepare_run, run_training
 
-from conftest import REPO, SMOKE_CONFIG
+from conftest import REPO, SMOKE_CONFIG, launch, start_launch, stop_launch
 
 TOLERANCE = 1e-5
 # 32 train / 8 val pairs: 4 optimizer steps of 8 pairs per epoch (4 per rank), val in whole batches of 4 per rank.
@@ -60,45 +58,24 @@ def hold_after_epoch_1(*args):
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _overrides(workspace: Path, name: str, cache: str, *extra: str) -> list[str]:
     return [f"training.output_dir={workspace / name}", f"training.reference_cache_dir={workspace / cache}", *SMALL_RUN, *extra]
 
 
-def _launch(workspace: Path, name: str, gated: bool = False, resume: bool = False) -> subprocess.Popen:
-    """`accelerate launch` of scripts/train.py with the CPU FSDP config; output in <log>.out / <log>.err."""
-    overrides = _overrides(workspace, name, "cache_fsdp")
-    if gated or resume:  # a gated run, or its resumption (which keeps the run's loss.type, passing through)
-        overrides.append("loss.type=gate_loss:hold_after_epoch_1")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
+def _arguments(workspace: Path, name: str, gated: bool = False, resume: bool = False) -> list[str]:
+    """`accelerate launch` arguments: scripts/train.py with the CPU FSDP config."""
+    overrides = _overrides(workspace, name, "cache_fsdp", *(["loss.type=gate_loss:hold_after_epoch_1"] if gated or resume else []))
+    return [
         "--config_file", str(REPO / "recipes" / "accelerate_configs" / "fsdp_cpu.yaml"),
-        "--main_process_port", str(_free_port()),
         str(REPO / "scripts" / "train.py"), "--config", str(SMOKE_CONFIG),
         *(arg for override in overrides for arg in ("--set", override)), *(["--resume"] if resume else []),
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    if gated or resume:
-        env.update(PYTHONPATH=os.pathsep.join([str(workspace / "modules"), env.get("PYTHONPATH", "")]))
-    if gated:
-        env.update(GATE_RUN_DIR=str(workspace / name / "smoke"))
-    log = name + ("-resumed" if resume else "")
-    with open(workspace / f"{log}.out", "w") as stdout, open(workspace / f"{log}.err", "w") as stderr:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr)
 
 
-def _finish(workspace: Path, name: str, process: subprocess.Popen) -> str:
-    code = process.wait(timeout=600)
-    assert code == 0, (
-        f"exit {code}\n--- stdout:\n{(workspace / f'{name}.out').read_text()[-1500:]}\n"
-        f"--- stderr:\n{(workspace / f'{name}.err').read_text()[-3000:]}"
-    )
-    return (workspace / f"{name}.out").read_text()
+def _gate_env(workspace: Path, name: str, gated: bool = True) -> dict:
+    """The gate's module on the path; GATE_RUN_DIR only for the gated run (its resumption passes straight through)."""
+    modules = {"PYTHONPATH": os.pathsep.join([str(workspace / "modules"), os.environ.get("PYTHONPATH", "")])}
+    return {**modules, "GATE_RUN_DIR": str(workspace / name / "smoke")} if gated else modules
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +83,7 @@ def runs(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("fsdp")
     (workspace / "modules").mkdir()
     (workspace / "modules" / "gate_loss.py").write_text(GATE_MODULE)
-    stdout = _finish(workspace, "fsdp", _launch(workspace, "fsdp"))
+    stdout = launch(_arguments(workspace, "fsdp"), workspace / "fsdp.log")
     single = load_config(SMOKE_CONFIG, _overrides(workspace, "single", "cache_single"))
     assert run_training(single) == 0
     return {"workspace": workspace, "stdout": stdout, "fsdp": workspace / "fsdp" / "smoke", "single": single.run_dir}
@@ -193,7 +170,7 @@ def test_an_fsdp_epoch_checkpoint_loads_in_eval(runs):
 
 def test_fsdp_kill_during_epoch_2_then_resume_matches_the_uninterrupted_run(runs):
     workspace, name = runs["workspace"], "killed"
-    launcher = _launch(workspace, name, gated=True)
+    launcher = start_launch(_arguments(workspace, name, gated=True), workspace / f"{name}.log", _gate_env(workspace, name))
     try:
         while len(list(workspace.glob(f"{name}/gate-reached-*"))) < 2:
             try:
@@ -205,13 +182,11 @@ def test_fsdp_kill_during_epoch_2_then_resume_matches_the_uninterrupted_run(runs
             os.kill(int(reached.name.rsplit("-", 1)[1]), signal.SIGKILL)
         assert launcher.wait(timeout=120) != 0
     finally:
-        if launcher.poll() is None:  # torchrun stops its ranks on SIGTERM
-            launcher.terminate()
-            launcher.wait(timeout=120)
+        stop_launch(launcher)
     run_dir = workspace / name / "smoke"
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
 
-    stdout = _finish(workspace, f"{name}-resumed", _launch(workspace, name, resume=True))
+    stdout = launch(_arguments(workspace, name, resume=True), workspace / f"{name}-resumed.log", _gate_env(workspace, name, gated=False))
     assert "reference log-probs: train reused, eval reused" in stdout
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1", "epoch-2"]
     assert_same_weights(run_dir / "epoch-2", runs["fsdp"] / "epoch-2")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import matplotlib.image
 import pytest
+import torch
 
 from dpo_recipe.cli import main
 from dpo_recipe.evaluate import evaluate_paths
@@ -101,3 +103,63 @@ def test_a_one_epoch_run_plots_its_training_curve_per_logged_step(tmp_path, monk
     assert smoothed_loss[0] == raw_loss[0] and smoothed_loss[1][0] == raw_loss[1][0]
     assert smoothed_loss[1][-1] > raw_loss[1][-1]  # a falling curve, smoothed, lags behind
     assert val_loss == ([0.5, 1], [0.65, 0.65])  # the mid-epoch evaluation and the epoch end
+
+
+def test_validation_is_drawn_at_the_step_it_was_taken_and_the_best_epoch_is_marked(tmp_path, monkeypatch):
+    """`training.max_steps=20` at 12 steps per epoch: the partial epoch 2 was validated at step 20, epoch 1.67, not 2.
+    Every plot marks the best epoch (here that partial one) where its validation point is."""
+    import matplotlib.axes
+
+    train = {"loss": 0.6, "margin": 0.1, "accuracy": 0.5}
+    val = {"loss": 0.65, "margin": 0.05, "accuracy": 0.55, "chosen_reward": 0.0, "rejected_reward": -0.05}
+    records = [{"kind": "step", "epoch": step / 12, "step": step, "train": train} for step in (6, 12, 18)]
+    records.insert(2, {"kind": "epoch", "epoch": 1, "step": 12, "train": train, "val": val})
+    records.append({"kind": "epoch", "epoch": 2, "step": 20, "train": train, "val": {**val, "loss": 0.6, "margin": 0.2}})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "best.json").write_text(json.dumps({"epoch": 2, "metric": "val_loss", "value": 0.6, "checkpoint": "epoch-2"}))
+
+    drawn, marked = [], []
+    real_plot, real_axvline = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k: drawn.append((list(x), list(y), k)) or real_plot(self, x, y, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda self, x, *a, **k: marked.append((x, k["label"])) or real_axvline(self, x, *a, **k))
+    assert [path.name for path in plot_run(tmp_path)] == ["loss.png", "rewards.png", "accuracy.png"]
+    validation = [(x, y) for x, y, style in drawn if style.get("marker") == "o"]
+    assert len(validation) == 5  # val loss; val chosen, rejected and margin; val accuracy
+    assert all(x == pytest.approx([1, 20 / 12]) for x, _ in validation)
+    assert validation[0][1] == [0.65, 0.6]
+    # Each plot marks epoch 2 with a line at its step, and each validation series with a star on its value there.
+    assert marked == [(pytest.approx(20 / 12), "best: epoch 2 (val loss)")] * 3
+    stars = [(x, y) for x, y, style in drawn if style.get("marker") == "*"]
+    assert stars == [([pytest.approx(20 / 12)], [value]) for value in (0.6, 0.0, -0.05, 0.2, 0.55)]
+
+
+def test_the_reading_guidance_compares_across_beta_only_what_beta_leaves_unchanged():
+    """The same policy and reference log-probs scored at two β: the report (and the README) may call comparable across
+    β only the metrics that did not move, and must keep every metric that moved to one β."""
+    from dpo_recipe.evaluate import preference_metrics
+    from dpo_recipe.loss import dpo_loss
+    from dpo_recipe.report import HOW_TO_READ
+
+    from conftest import REPO
+
+    generator = torch.Generator().manual_seed(0)
+    logps = [-40 + torch.randn(64, generator=generator, dtype=torch.float64) for _ in range(4)]
+    logps[0][:4] = logps[2][:4]  # a few pairs where policy == reference on both sides: ties at every β
+    logps[1][:4] = logps[3][:4]
+    scored = {}
+    for beta in (0.1, 1.0):
+        losses, chosen, rejected = dpo_loss(*logps, beta)
+        scored[beta] = preference_metrics(losses, chosen, rejected, logps[0], logps[1], bootstrap_samples=10)
+    names = {"accuracy": "accuracy", "ties": "ties", "loss": "loss", "reward_margin": "margin"}
+    moved = {name for key, name in names.items() if scored[0.1][key] != pytest.approx(scored[1.0][key])}
+    assert moved == {"loss", "margin"} and scored[0.1]["ties"] > 0
+
+    def metrics_named(text: str) -> set[str]:
+        return {name for name in names.values() if re.search(rf"\b{name}\b", text)}
+
+    guidance = {line.split("**")[1]: line.split("(")[0] for line in HOW_TO_READ.splitlines() if line.startswith("- **")}
+    assert metrics_named(guidance["Across β"]) == set(names.values()) - moved
+    assert moved <= metrics_named(guidance["Within one β"])
+    readme = re.search(r"compare ([^.]*?) across β, ([^.(]*?) within one β", (REPO / "README.md").read_text())
+    assert readme, "the README's reading guidance says what to compare across β and within one β"
+    assert metrics_named(readme[1]) == set(names.values()) - moved and moved <= metrics_named(readme[2])

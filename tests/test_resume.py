@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,11 +20,13 @@ from pathlib import Path
 import pytest
 import transformers
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import load_config
 from dpo_recipe.rundir import epoch_dirs, latest_checkpoint, read_metrics
-from dpo_recipe.run import run_training
+import dpo_recipe.run as run_module
+from dpo_recipe.run import prepare_run, run_training
 
 from conftest import REPO, SMOKE_CONFIG
 
@@ -232,18 +235,26 @@ def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(worksp
 
 def test_sigint_stops_cleanly_and_the_printed_command_resumes_exactly(workspace, baseline, gated_run, monkeypatch):
     process, output_dir, run_dir = gated_run("sigint")
+    # The plots are drawn at each epoch end, not only when a run finishes; and drawn again when it is interrupted.
+    plots = [run_dir / name for name in ("loss.png", "rewards.png", "accuracy.png")]
+    assert all(path.is_file() for path in plots)
+    for path in plots:
+        path.unlink()
     process.send_signal(signal.SIGINT)
     # The handler has run once it says so; only then may the held step finish.
     wait_until(process, lambda: "received SIGINT" in (output_dir / "stderr.txt").read_text(), output_dir)
     (output_dir / "gate-release").touch()
     assert process.wait(timeout=300) == 130, (output_dir / "stderr.txt").read_text()[-3000:]
+    assert all(path.is_file() for path in plots)
     stderr = (output_dir / "stderr.txt").read_text()
     assert "Traceback" not in stderr
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
     assert not list(run_dir.glob("checkpoint-*"))  # the stopped epoch was not saved at all
-    # Launched as `python -m dpo_recipe train`, so resumed the same way (not through `accelerate launch`).
+    # Launched as `python -m dpo_recipe train`, so resumed the same way (not through `accelerate launch`), by this
+    # environment's interpreter: a bare `python` outside the activated environment is another one.
     match = re.search(
-        r"interrupted; last complete checkpoint: (\S+)\. Resume with: python -m dpo_recipe train --config (\S+) --resume", stderr
+        rf"interrupted; last complete checkpoint: (\S+)\. Resume with: {re.escape(shlex.quote(sys.executable))} -m dpo_recipe "
+        r"train --config (\S+) --resume", stderr
     )
     assert match, stderr[-2000:]
     assert Path(match.group(1)) == run_dir / "epoch-1"
@@ -357,3 +368,48 @@ def test_resume_may_extend_a_run_and_records_the_change_with_its_step(workspace,
         {"from_step": STEPS_PER_EPOCH, "after_epoch": 1, "key": "training.logging_steps", "old": 6, "new": 2},
     ]
     assert "num_epochs: 2" in saved.read_text()
+
+
+class SignalDuringStep(TrainerCallback):
+    """Sends this process `signum` while optimizer step `step` runs, as `kill` or Ctrl-C would."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            signal.raise_signal(self.signum)
+
+
+@pytest.mark.parametrize("entry", ["trainer.train", "run_training"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_training_in_process_after_the_step_and_then_reaches_its_handler(smoke_config, monkeypatch, signum, entry):
+    """Training driven in-process (a notebook, a test) stops at the end of the step, then the signal reaches the
+    handler that was there before (for Ctrl-C, Python's KeyboardInterrupt; for SIGTERM, the end of the process).
+    Swallowed, it let a stopped run pass for a finished one: a test session stopped by a signal went on with a LoRA
+    run cut short in epoch 2 and failed comparing it with its last checkpoint (merged logits 0.1309 against 0.1264)."""
+    received = []
+
+    def handler(number, frame):
+        received.append(number)
+
+    def prepared(*args, **kwargs):
+        run = prepare_run(*args, **kwargs)
+        run.trainer.add_callback(SignalDuringStep(2, signum))
+        runs.append(run)
+        return run
+
+    runs = []
+    monkeypatch.setattr(run_module, "prepare_run", prepared)
+    previous = signal.signal(signum, handler)
+    try:
+        if entry == "run_training":
+            assert run_training(smoke_config(*SMALL_RUN)) == 130  # after the signal went on to `handler`
+        else:
+            prepared(smoke_config(*SMALL_RUN)).trainer.train()
+        assert signal.getsignal(signum) is handler  # restored before it was delivered
+    finally:
+        signal.signal(signum, previous)
+    assert received == [signum]
+    (run,) = runs
+    assert run.trainer.state.global_step == 2 and epoch_dirs(run.trainer.args.output_dir) == []

@@ -20,7 +20,7 @@ from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.rundir import epoch_dirs, eval_file_name, read_metrics
 from dpo_recipe.run import prepare_run, run_training
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, launch, write_jsonl
 
 METRIC_KEYS = {"loss", "chosen_reward", "rejected_reward", "margin", "accuracy"}
 
@@ -157,18 +157,15 @@ def test_a_tokenizer_with_its_own_bos_gives_a_tiny_model_its_ids_and_no_alignmen
 
 def test_two_process_launch_keeps_the_effective_batch(tmp_path):
     out = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO / "recipes" / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2",
+    arguments = [
+        "--config_file", str(REPO / "recipes" / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2",
         str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
         "--set", f"training.output_dir={out}", "--set", f"training.reference_cache_dir={tmp_path / 'cache'}",
         "--set", "training.num_epochs=2", "--set", "training.per_device_batch_size=4", "--set", "data.num_pairs=236",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "batch: 2 process(es) x micro-batch 4 x accumulation 2 = effective batch 16" in result.stdout
-    assert "find_unused_parameters" not in result.stderr  # DDP is told every parameter is used: no search, no warning
+    stdout = launch(arguments, tmp_path / "ddp.log")
+    assert "batch: 2 process(es) x micro-batch 4 x accumulation 2 = effective batch 16" in stdout
+    assert "find_unused_parameters" not in (tmp_path / "ddp.err").read_text()  # DDP is told every parameter is used
     run_dir = out / "smoke"
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [12, 24]  # ceil(189 / 16) optimizer steps per epoch

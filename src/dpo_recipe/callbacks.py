@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .curves import plot_run
 from .rundir import EPOCH_PREFIX, append_record, apply_retention, best_epoch, keep_last_epoch_records, read_metrics, write_best
 from .totals import LOGGED_MEANS, RunningTotals
 
@@ -59,8 +60,8 @@ class EpochRecorder(EpochEndFlag):
     """Writes metrics.jsonl and the epoch checkpoints.
 
     At each logging step a `step` record; at each mid-epoch evaluation an `eval` record; at each epoch end the val
-    metrics, then an atomically named checkpoint, its `epoch` record (the only one of that epoch), the best epoch and
-    checkpoint retention.
+    metrics, then an atomically named checkpoint, its `epoch` record (the only one of that epoch), the best epoch,
+    checkpoint retention and the plots.
     """
 
     def __init__(self, run_dir: Path, totals: RunningTotals, best_metric: str, keep_epochs: str = "all"):
@@ -111,6 +112,7 @@ class EpochRecorder(EpochEndFlag):
         keep_last_epoch_records(self.run_dir)
         write_best(self.run_dir, self.best_metric)
         apply_retention(self.run_dir, final, self.keep_epochs)
+        plot_run(self.run_dir)  # a run stopped at any point still has plots of every epoch it finished
         print(_epoch_line(record), flush=True)
 
 
@@ -195,16 +197,25 @@ def _epoch_line(record: dict) -> str:
 
 
 class InterruptGuard(TrainerCallback):
-    """SIGINT/SIGTERM stop training at the next step boundary; a save under way finishes first, none is started."""
+    """SIGINT/SIGTERM stop training at the next step boundary; a save under way finishes first, none is started.
+
+    The signal is deferred, never swallowed: once training has stopped and the handlers are restored, it is raised
+    again for whoever handled it before (Python's KeyboardInterrupt, a test runner, the default of ending the
+    process), so no caller mistakes a stopped run for a finished one. A caller that reports the stop first
+    (`run.run_training`: the resume command) sets `deliver_after_stop` to False and calls `deliver` itself.
+    """
 
     def __init__(self):
         self.interrupted = False
+        self.signal: int | None = None
+        self.deliver_after_stop = True
         self._previous = {}
 
     def _request_stop(self, signum, frame):
         if self.interrupted:  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
         self.interrupted = True
+        self.signal = signum
         print(f"\nreceived {signal.Signals(signum).name}: stopping after this step", file=sys.stderr, flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -217,8 +228,15 @@ class InterruptGuard(TrainerCallback):
             signal.signal(signum, handler)
         self._previous = {}
 
+    def deliver(self) -> None:
+        """The deferred signal, to the handler restored after training."""
+        if self.interrupted:
+            signal.raise_signal(self.signal)
+
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
+        if self.deliver_after_stop:
+            self.deliver()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.interrupted:

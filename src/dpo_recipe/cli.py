@@ -50,7 +50,7 @@ def _command_train(args) -> int:
     check_hub_access(config)  # before any model or data is loaded
     from .run import run_training  # imported after the config is known good: torch and trl take seconds
 
-    return run_training(config, resume=args.resume, verbose=args.verbose)
+    return run_training(config, resume=args.resume, verbose=args.verbose, signal_after_stop=False)  # exits 130 instead
 
 
 def _command_print_config(args) -> int:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig, check_loss_import
+from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig, check_loss_import, looks_like_local_path
 from .data import (
     ASSISTANT_MARKER,
     CHAT_FORMATS,
@@ -168,6 +168,11 @@ def scoring_config(
             f"{checkpoint}: no run {RUN_CONFIG_FILE} beside this model directory, so give --reference (the model it was "
             f"trained from: a local directory or hub id; for a merged LoRA run, checkpoints/<run>/reference or its base "
             f"model) and --beta ({beta_default})"
+        )
+    if looks_like_local_path(reference) and not Path(reference).expanduser().is_dir():
+        raise ConfigError(
+            f"--reference {reference}: no such directory (only a run built from model.tiny keeps its starting model, in "
+            "<run>/reference; for any other run give the model it was trained from, its model.name_or_path)"
         )
     if beta is not None and not beta > 0:
         raise ConfigError(f"--beta must be > 0 (got {beta})")

@@ -229,8 +229,12 @@ HOW_TO_READ = """\
 - **acc** (accuracy) is the share of pairs whose chosen response gets a strictly higher implicit reward than the
   rejected one; pairs with equal rewards are counted as **ties**, not as half right. A policy identical to the
   reference ties on every pair.
-- **margin** is the mean of chosen reward − rejected reward. Margins grow with β for the same preference strength, so
-  compare accuracy (and loss) across β, margins mainly within one β.
+- **margin** is the mean of chosen reward − rejected reward, β·h per pair, where h is the policy's log-ratio to the
+  reference on the chosen response minus that on the rejected one. The **loss** depends on β as the margin does
+  (for `dpo` it is −log σ(β·h), a function of the margin itself): the same h > 0 gives a larger margin and a lower
+  loss at a larger β.
+- **Across β**, compare accuracy and ties only: they depend on the sign of h alone, not on β.
+- **Within one β**, compare loss and margin too (or margin / β, which is h, across β).
 - **[95% CI]** is a percentile bootstrap interval over test pairs (1000 resamples, fixed seed): runs whose intervals
   overlap widely are not clearly different on this test set.
 - **overfitting onset** is the first epoch after which val loss went up (the next epoch's val loss was higher);

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -162,11 +163,16 @@ def _checkpoint_step(checkpoint: Path) -> int:
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that resumes this run, launched the way this one was."""
-    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
-    entry = "scripts/train.py" if sys.argv[0].endswith("train.py") else "-m dpo_recipe train"
+    """The command that resumes this run, launched the way this one was, by this environment's own programs: a bare
+    `python` is whichever interpreter a shell finds first, often one without the recipe installed."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` in every process it starts
+        accelerate = Path(sys.executable).with_name("accelerate")
+        launcher = [str(accelerate), "launch"] if accelerate.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+    else:
+        launcher = [sys.executable]
+    entry = [sys.argv[0]] if sys.argv[0].endswith("train.py") else ["-m", "dpo_recipe", "train"]
     # The run directory's config.yaml is the resolved config, --set overrides included.
-    return f"{launcher} {entry} --config {run_dir / RUN_CONFIG_FILE}"
+    return shlex.join([*launcher, *entry, "--config", str(run_dir / RUN_CONFIG_FILE)])
 
 
 def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> PreparedRun:
@@ -331,8 +337,11 @@ def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
     atomic_write(path, json.dumps(info, indent=2))
 
 
-def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False) -> int:
-    """Train one config end to end. Returns the process exit code (0, or 130 when interrupted)."""
+def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False, signal_after_stop: bool = True) -> int:
+    """Train one config end to end. Returns the process exit code: 0, or 130 once SIGINT/SIGTERM stopped the run at a
+    step's end (its resume command printed). Only a caller that ends the process with that code (the command line)
+    passes `signal_after_stop=False`; for any other the signal then goes on to the handler it would have reached
+    (Ctrl-C: KeyboardInterrupt), as with `InterruptGuard`."""
     started = time.perf_counter()
     try:
         run = prepare_run(config, resume, verbose)
@@ -340,6 +349,7 @@ def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = Fal
         if PartialState().is_main_process:
             print(stopped, flush=True)
         return 0
+    run.guard.deliver_after_stop = False  # delivered below, once the stop is reported
     try:
         run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     finally:
@@ -348,16 +358,18 @@ def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = Fal
     is_main = run.trainer.accelerator.is_main_process
     if run.guard.interrupted:
         if is_main:
+            plot_run(run_dir)  # the steps logged since the last epoch end
             last = latest_checkpoint(run_dir)
             command = resume_command(run_dir)
             if last:
                 print(f"interrupted; last complete checkpoint: {last}. Resume with: {command} --resume", file=sys.stderr)
             else:
                 print(f"interrupted before any epoch finished; nothing to resume. Start again with: {command}", file=sys.stderr)
+        if signal_after_stop:
+            run.guard.deliver()
         return 130
     if is_main:
         _record_session(run_dir, run, time.perf_counter() - started)
-        plot_run(run_dir)
         best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
         if best:
             print(f"done: {run_dir} (best epoch {best['epoch']} by {best['metric']} = {best['value']:.4f})", flush=True)
