@@ -62,7 +62,7 @@ class BenchSettings:
     batch_size: int = 16
     # Pairs per batch for evaluation and the one-off reference passes. On the 2-core CPU, 32 pairs per forward ran
     # our reference pass 1.6x slower than 16 (larger activations fall out of cache), so `make bench` uses 16 for every
-    # trainer. None: ours takes its device default (`training.eval_batch_size: null`, 128 on a GPU) and plain TRL
+    # trainer. None: ours takes its device default (`training.eval_batch_size: null`: 32) and plain TRL
     # the training batch.
     eval_batch_size: int | None = 16
     max_length: int = 256

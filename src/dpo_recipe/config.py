@@ -94,8 +94,8 @@ class TrainingConfig:
     # torch.compile the model (inductor, shapes dynamic from the first batch). null: off on every device. No GPU has
     # run the compiled path faster end to end yet (on an H100 it hit dynamo's recompile limit inside TRL's log-prob
     # kernel, ../shared/gpu/h100-2026-11-26.md); scripts/gpu_check.sh measures it against the uncompiled run. On the
-    # 2-core CPU a compiled step is ~0.7x an eager one once compiled, but compiling costs ~2 minutes
-    # (benchmarks/results.md). A failed compilation falls back to eager for the run, and says so.
+    # 2-core CPU a compiled smoke step took 0.70-0.81x an eager one, but compiling took 71-75 s against an eager epoch
+    # of 1.7-2.9 s (benchmarks/results.md). A failed compilation falls back to eager for the run, and says so.
     torch_compile: bool | None = None
     # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs. Only
     # `default` has ever run.
