@@ -44,7 +44,9 @@ def main() -> int:
         help="a training.* setting for ours beyond its device defaults (YAML value), e.g. length_buckets=5",
     )
     parser.add_argument(
-        "--also-uncompiled", action="store_true", help="also run ours with torch.compile off, after the agreement check"
+        "--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
+        help="after the agreement check, also run ours under this name (ours_...) with these training settings, "
+        "e.g. ours_compiled:torch_compile=true",
     )
     parser.add_argument(
         "--profile-steps", type=int, default=defaults.profile_steps,
@@ -54,12 +56,23 @@ def main() -> int:
     parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s, to report MFU")
     parser.add_argument("--output", default=defaults.output, help="results markdown file")
     args = parser.parse_args()
-    ours_training = {}
-    for setting in args.ours_set:
-        key, _, value = setting.partition("=")
-        if key not in TrainingConfig.__dataclass_fields__ or not value:
-            parser.error(f"--ours-set {setting!r}: expected KEY=VALUE with KEY a training setting")
-        ours_training[key] = yaml.safe_load(value)
+
+    def training_settings(settings: list[str], flag: str) -> dict:
+        parsed = {}
+        for setting in settings:
+            key, _, value = setting.partition("=")
+            if key not in TrainingConfig.__dataclass_fields__ or not value:
+                parser.error(f"{flag} {setting!r}: expected KEY=VALUE with KEY a training setting")
+            parsed[key] = yaml.safe_load(value)
+        return parsed
+
+    ours_training = training_settings(args.ours_set, "--ours-set")
+    variants = {}
+    for variant in args.variant:
+        name, _, settings = variant.partition(":")
+        if not name.startswith("ours_") or name in variants or not settings:
+            parser.error(f"--variant {variant!r}: expected a new NAME starting ours_, a colon, and KEY=VALUE settings")
+        variants[name] = training_settings(settings.split(","), f"--variant {name}:")
     settings = BenchSettings(
         size=args.size,
         data=None if args.synthetic else args.data,
@@ -70,7 +83,7 @@ def main() -> int:
         beta=args.beta,
         learning_rate=args.learning_rate,
         ours_training=ours_training,
-        also_uncompiled=args.also_uncompiled,
+        variants=variants,
         profile_steps=args.profile_steps,
         tokenizer_vocab_size=args.tokenizer_vocab_size,
         baselines=tuple(args.baselines),

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # GPU check, run once on an H100/H200 from the repository root: the study's own run, `configs/beta0.3.yaml` (beta 0.3,
 # lr 1e-4, 5 epochs of 2700 train pairs + 300 validation pairs, max_length 256, batch 16), on a randomly initialised
-# GPT-2 124M in bf16: this recipe's trainer (its GPU defaults: length buckets, separate rows, torch.compile, forward
-# passes at batch 128) against plain trl.DPOTrainer. Everything is inside each trainer's timed span: the reference
-# pass, compilation, warm-up. Then the first 5 losses of both with grouping off, and ours with torch.compile off.
+# GPT-2 124M in bf16: this recipe's trainer with its GPU defaults (separate rows, exact widths, uncompiled, forward
+# passes at batch 32: the plain path wherever no GPU measurement chose otherwise) against plain trl.DPOTrainer.
+# Everything is inside each trainer's timed span: the reference pass, compilation, warm-up. Then the first 5 losses
+# of both with grouping off, then ours compiled (`ours_compiled`: training.torch_compile=true), so the two rows set
+# the compile default. GPU_CHECK_VARIANTS replaces that last list (space-separated NAME:KEY=VALUE[,KEY=VALUE]), e.g.
+#   GPU_CHECK_VARIANTS="ours_compiled:torch_compile=true ours_buckets:length_buckets=5"
 # Writes $OUT/gpu_<h100|h200>.md as it goes (a run cut short keeps what it measured) and prints the tables.
 #
 # The device lacks trl/datasets/dill/multiprocess, so their wheels travel in .whl/ (installed below, no index).
@@ -18,11 +21,11 @@
 #
 # Budget: planned to finish in under 8 minutes on an H100 (plain TRL alone took ~100 s for these 5 epochs at the
 # 135.7 pairs/s measured on db79b60); GPU_CHECK_TIMEOUT (default 480 s) stops it, keeping the results written so far.
-# Order: ours, plain TRL, the loss agreement, ours uncompiled (GPU_CHECK_UNCOMPILED=0 skips the last).
+# Order: ours, plain TRL, the loss agreement, the variants (GPU_CHECK_VARIANTS="" runs none).
 #
 # CPU rehearsal (minutes, exit 0 expected): GPU_CHECK_SIZE=tiny bash scripts/gpu_check.sh
 # It shrinks the run (GPU_CHECK_PAIRS, GPU_CHECK_EVAL_PAIRS, GPU_CHECK_EPOCHS, GPU_CHECK_STEPS) and gives ours the GPU
-# path's batching on CPU (buckets, separate rows); torch.compile on CPU is covered by tests/test_gpu_path.py instead.
+# path's layout on CPU (separate rows); the compiled variant compiles with inductor on the CPU (most of its time).
 set -uo pipefail
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import trl, datasets" 2>/dev/null; then
@@ -54,8 +57,8 @@ RESULTS=${OUT:-/tmp}/gpu_$device.md
 if [ -f "$DATA" ]; then data_args=(--data "$DATA"); else
   echo "WARNING: $DATA not found: synthetic pairs with hh-rlhf-like lengths instead" >&2; data_args=(--synthetic); fi
 extra=()
-[ "${GPU_CHECK_UNCOMPILED:-1}" = 1 ] && extra+=(--also-uncompiled)
-[ $small = 1 ] && extra+=(--profile-steps 2 --ours-set length_buckets=5 --ours-set prompt_sharing=false --ours-set torch_compile=false)
+for variant in ${GPU_CHECK_VARIANTS-ours_compiled:torch_compile=true}; do extra+=(--variant "$variant"); done
+[ $small = 1 ] && extra+=(--profile-steps 2 --ours-set prompt_sharing=false)
 
 timeout --signal=INT --kill-after=20 "$TIMEOUT" python3 scripts/bench.py --size "$SIZE" "${data_args[@]}" \
   --train-pairs "$PAIRS" --eval-pairs "$EVAL_PAIRS" --epochs "$EPOCHS" --beta 0.3 --learning-rate 1e-4 \

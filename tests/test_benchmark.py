@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from dpo_recipe.benchmark import BenchSettings, Job, RunResult, agreement_check, fastest, load_bench_data, run_job, summary_table
@@ -41,3 +43,13 @@ def test_repeated_runs_report_the_fastest_and_list_every_run():
     table = "\n".join(summary_table({"ours": ours, "trl": trl}, BenchSettings(repeats=2)))
     assert "| trl | 4.00x | 0.60x | 3.00x |" in table  # 40/10 training, 300/500 memory, 6/2 evaluation
     assert "ours 12.0, 10.0 s; trl 40.0, 45.0 s" in table
+
+
+def test_a_variant_runs_ours_with_its_settings_on_top(bench_setup):
+    """`--variant ours_buckets:length_buckets=2` (how gpu_check.sh measures ours compiled, or with buckets): the
+    recipe's trainer (plain TRL scores no slots), with the variant's settings: length buckets, which pad the LM head's
+    scored-position slots (without them, slots and scored positions are equal)."""
+    settings, data = bench_setup
+    settings = dataclasses.replace(settings, variants={"ours_buckets": {"length_buckets": 2}})
+    bucketed = run_job(Job("ours_buckets", max_steps=1, settings={"length_buckets": 2}), settings, data)
+    assert bucketed.epoch_scored_slots > bucketed.epoch_scored > 0

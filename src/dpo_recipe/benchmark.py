@@ -2,10 +2,11 @@
 
 Every trainer gets the same randomly initialised GPT-2 (one seed, so the same weights), the same pre-tokenized pairs,
 the same effective batch, number of optimizer steps, learning rate, device and precision:
-- `ours`: `RecipeDPOTrainer` configured as `run_training` configures it on this device (on CPU: length-grouped batches,
-  one shared-prompt row per pair; on a GPU: length buckets, separate rows, torch.compile, forward passes at batch 128),
-  reference log-probs computed once into an on-disk cache (a cold one: its cost, and any compilation, are timed).
-- `ours_uncompiled` (on request): the same with `training.torch_compile: false`, to show what compilation buys.
+- `ours`: `RecipeDPOTrainer` configured as `run_training` configures it on this device (its `null` settings take the
+  device's defaults, `packing.DEVICE_DEFAULTS`: on CPU shared-prompt rows, on a GPU separate ones; length-grouped
+  batches, no compilation), reference log-probs computed once into an on-disk cache (a cold one: its cost is timed).
+- variants (on request), e.g. `ours_compiled`: the same with further training settings (`training.torch_compile: true`),
+  to measure what each buys; any compilation is timed.
 - `trl`: plain `trl.DPOTrainer` with its defaults, gradient checkpointing off; the reference model runs every step.
 - `trl_precompute`: the same with `precompute_ref_log_probs=True` (reference log-probs once, before training).
 Plain TRL is subclassed only to skip `_prepare_dataset`, because the pairs arrive tokenized; its compute path is TRL's.
@@ -39,7 +40,6 @@ from .synthetic import hh_length_rows
 # The pairs the issue measured; `make bench` runs from the repository root, next to ../shared.
 REAL_DATA = Path("../shared/data/hh-rlhf-harmless-base-1812.jsonl.gz")
 TRAINERS = ("ours", "trl", "trl_precompute")
-OURS = ("ours", "ours_uncompiled")
 MODEL_SHAPES = {
     # Small enough for a 2-core CPU. With the default 2048-token vocabulary the LM head is ~1/7 of the FLOPs per
     # position: about its share in GPT-2 124M, whose 50257-word head projects only the ~40% of positions that are
@@ -62,7 +62,7 @@ class BenchSettings:
     batch_size: int = 16
     # Pairs per batch for evaluation and the one-off reference passes. On the 2-core CPU, 32 pairs per forward ran
     # our reference pass 1.6x slower than 16 (larger activations fall out of cache), so `make bench` uses 16 for every
-    # trainer. None: ours takes its device default (`training.eval_batch_size: null`, 128 on a GPU) and plain TRL
+    # trainer. None: ours takes its device default (`training.eval_batch_size: null`: 32) and plain TRL
     # the training batch.
     eval_batch_size: int | None = 16
     max_length: int = 256
@@ -74,7 +74,9 @@ class BenchSettings:
     # TrainingConfig settings for ours beyond the device defaults, e.g. {"length_buckets": 5} to rehearse the GPU
     # path on CPU.
     ours_training: dict[str, Any] = field(default_factory=dict)
-    also_uncompiled: bool = False  # also run ours with torch.compile off (`ours_uncompiled`), after the agreement check
+    # Further runs of ours after the agreement check, by name, each with these training settings on top of
+    # `ours_training`, e.g. {"ours_compiled": {"torch_compile": True}}.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Training steps profiled after the timed run, for the device kernel time per step. None: 5 on a GPU, none on CPU
     # (where there is no device time to report; a rehearsal may still ask for some, to exercise the code).
     profile_steps: int | None = None
@@ -103,8 +105,7 @@ class Job:
     max_steps: int = -1
     logging_steps: int = 10
     evaluate: bool = False
-    torch_compile: bool | None = None  # ours only; None: the device default
-
+    settings: dict[str, Any] = field(default_factory=dict)  # ours only: training settings on top of `ours_training`
 
 
 @dataclass
@@ -229,7 +230,7 @@ def _recipe_trainer(job: Job, settings: BenchSettings, model, tokenizer, train, 
             group_by_length=job.group_by_length,
             logging_steps=job.logging_steps,
             reference_cache_dir=os.path.join(work, "reference_cache"),  # empty: the reference pass is paid here
-            **{**settings.ours_training, **({} if job.torch_compile is None else {"torch_compile": job.torch_compile})},
+            **{**settings.ours_training, **job.settings},
         ),
         loss=LossConfig(beta=settings.beta),
     )
@@ -401,7 +402,7 @@ def run_job(job: Job, settings: BenchSettings, data: BenchData) -> RunResult:
         start = time.perf_counter()
         # Plain TRL keeps a second model for its reference; a copy of the same weights, counted in its time and memory.
         reference = copy.deepcopy(model) if job.trainer == "trl" else None
-        if job.trainer in OURS:
+        if job.trainer == "ours" or job.trainer in settings.variants:
             trainer = _recipe_trainer(job, settings, model, data.tokenizer, train, precision, work)
         else:
             trainer = _trl_trainer(job, settings, model, reference, data.tokenizer, train, precision, work)
@@ -574,7 +575,7 @@ def run_benchmark(settings: BenchSettings) -> int:
         steps = settings.agreement_steps
         # Uncompiled: the check is of the arithmetic (test_gpu_path shows compiled and eager runs agree), and a
         # 5-step run would spend most of its time compiling.
-        ours_job = Job("ours", group_by_length=False, max_steps=steps, logging_steps=1, torch_compile=False)
+        ours_job = Job("ours", group_by_length=False, max_steps=steps, logging_steps=1, settings={"torch_compile": False})
         ours = attempt(ours_job, "agreement, ours")
         trl = attempt(Job("trl", max_steps=steps, logging_steps=1), "agreement, trl")
         if ours is not None and trl is not None:
@@ -583,11 +584,11 @@ def run_benchmark(settings: BenchSettings) -> int:
         else:
             agreed = False
         write()
-    if settings.also_uncompiled:
-        print("running ours_uncompiled (torch.compile off) ...", flush=True)
-        result = attempt(Job("ours_uncompiled", evaluate=True, torch_compile=False), "ours_uncompiled")
+    for name, variant in settings.variants.items():
+        print(f"running {name} (ours with {variant}) ...", flush=True)
+        result = attempt(Job(name, evaluate=True, settings=variant), name)
         if result is not None:
-            runs["ours_uncompiled"] = [result]
+            runs[name] = [result]
             print(f"  {result.seconds:.1f} s, {result.pairs_per_s:.2f} pairs/s, {result.steps} steps", flush=True)
         write()
 
@@ -663,6 +664,8 @@ def summary_table(results: dict[str, RunResult], settings: BenchSettings) -> lis
 def write_results(
     path: Path, settings, machine, data: BenchData, stats, precision: str, device: str, table, agreement, failures=()
 ) -> None:
+    from .packing import DEVICE_DEFAULTS
+
     memory_kind = (
         "CUDA `max_memory_allocated` (weights, optimizer state and activations)"
         if device == "cuda"
@@ -689,19 +692,15 @@ def write_results(
         f"beta {settings.beta}, seed {settings.seed}; the same number of optimizer steps for every trainer. Time is "
         "trainer construction plus `train()`: reference passes (at the eval batch of the table; ours into an empty "
         "cache directory) and any compilation and warm-up are included.",
-        "- Trainers: `ours` = `RecipeDPOTrainer` as `run_training` sets it up on this device ("
-        + (
-            "length buckets, separate rows, torch.compile, reference and evaluation at the forward batch of "
-            "`training.eval_batch_size: null`"
-            if device == "cuda"
-            else "length-grouped batches, shared-prompt rows"
-        )
-        + "; cached reference log-probs, LM head over the scored positions only). `ours_uncompiled` = the same with "
-        "torch.compile off. `trl` = plain `trl.DPOTrainer` 1.16 with its defaults and gradient "
+        "- Trainers: `ours` = `RecipeDPOTrainer` as `run_training` sets it up on this device (length-grouped "
+        f"batches; the device defaults of its `null` settings: `{DEVICE_DEFAULTS[device]}`; cached reference "
+        "log-probs, LM head over the scored positions only)."
+        + (f" Ours' settings beyond its device defaults: `{settings.ours_training}`." if settings.ours_training else "")
+        + "".join(f" `{name}` = ours with `{variant}`." for name, variant in settings.variants.items())
+        + " `trl` = plain `trl.DPOTrainer` 1.16 with its defaults and gradient "
         "checkpointing off (reference model run at every step). `trl_precompute` = the same with "
         "`precompute_ref_log_probs=True`. Plain TRL is subclassed only to skip `_prepare_dataset`, so it takes the "
-        "same pre-tokenized `prompt_ids/chosen_ids/rejected_ids`; its compute path is TRL's own."
-        + (f" Ours' settings beyond its device defaults: `{settings.ours_training}`." if settings.ours_training else ""),
+        "same pre-tokenized `prompt_ids/chosen_ids/rejected_ids`; its compute path is TRL's own.",
         "- Padding: share of the positions of one epoch of training batches that are padding. Head padding (ours): "
         "share of the LM head's scored-position slots that are bucket padding. Steady step: median wall time between "
         "optimizer steps in the last epoch, without device synchronisation. Kernel time/step: device kernel time per "

@@ -82,8 +82,9 @@ class TrainingConfig:
     learning_rate: float = 1e-4
     effective_batch_size: int = 16
     per_device_batch_size: int = 16
-    # Pairs per forward-only batch (reference pass, evaluation). null: 32 on CPU, 128 on a GPU, where a 124M model's
-    # forward at batch 16 is bound by kernel launches.
+    # Pairs per forward-only batch (reference pass, evaluation). null: 32 on every device, the recipe's value from
+    # before the GPU work. A larger GPU batch is untested: no GPU run has measured one (`make bench` on the 2-core CPU
+    # ran 16 faster than 32, so it passes 16).
     eval_batch_size: int | None = None
     lr_scheduler: str = "linear"
     warmup_ratio: float = 0.0
@@ -93,22 +94,31 @@ class TrainingConfig:
     # auto: bf16 on a GPU that supports it, fp32 otherwise (bf16 matmuls on CPU are hundreds of times slower).
     precision: str = "auto"
     gradient_checkpointing: bool = False
-    # torch.compile the model. null: on a GPU (fused elementwise work, fewer kernel launches), off on CPU. With
-    # length buckets the compiled graphs stop changing after the first pass over the bucket shapes.
+    # torch.compile the model (inductor, shapes dynamic from the first batch). null: off on every device. No GPU has
+    # run the compiled path faster end to end yet (on an H100 it hit dynamo's recompile limit inside TRL's log-prob
+    # kernel, ../shared/gpu/h100-2026-11-26.md); scripts/gpu_check.sh measures it against the uncompiled run. On the
+    # 2-core CPU a compiled smoke step took 0.70-0.81x an eager one, but compiling took 71-75 s against an eager epoch
+    # of 1.7-2.9 s (benchmarks/results.md). A failed compilation falls back to eager for the run, and says so.
     torch_compile: bool | None = None
-    # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
+    # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs. Only
+    # `default` has ever run.
     compile_mode: str = "default"
     group_by_length: bool = True
     # One row per pair with the prompt computed once (true), or TRL's two rows per pair (false). null: shared on CPU,
-    # where it saves 31% of hh-rlhf tokens (make bench); separate rows on a GPU, which ran faster end to end there
-    # (epoch 1: 44.7k against 35.4k tokens/s on an H100, ../shared/gpu/h100-2026-11-26.md; to re-measure with buckets).
+    # where it saves 31% of hh-rlhf tokens and trains 3.9x as fast as plain TRL (make bench, benchmarks/results.md);
+    # TRL's separate rows on a GPU, where they ran faster end to end (epoch 1: 44.7k against 35.4k tokens/s on an
+    # H100, ../shared/gpu/h100-2026-11-26.md; and the recipe with shared rows ran 0.32x plain TRL on an H200,
+    # benchmarks/gpu_h200.md).
     prompt_sharing: bool | None = None
     # Row widths and scored-position counts padded to this many buckets, drawn from the data's length quantiles, with
-    # batches formed within a bucket: few static shapes, so everything built per shape (attention plans, compiled
-    # graphs) is built once per bucket. null: 5 on a GPU, off (0) on CPU, where exact widths are cheapest.
+    # batches formed within a bucket: a few shapes, so whatever is built per shape (attention plans, CUDA graphs) is
+    # built once per bucket. null: off (0) on every device: never measured on a GPU (scripts/gpu_check.sh can, with
+    # GPU_CHECK_VARIANTS).
     length_buckets: int | None = None
-    # Batch width rounded up to a multiple of this. null: 64 on a GPU, exact on CPU. GPU attention kernels that take
-    # a mask (cuDNN) plan once per shape, and a new width every step cost ~0.3 s each (measured on an H200).
+    # Batch width rounded up to a multiple of this. null: exact widths on every device, as TRL pads. With shared prompts
+    # on a GPU, a new width cost ~0.3 s of cuDNN attention planning (H200, benchmarks/gpu_h200.md), so 64 may pay
+    # there. Rounding has not been measured end to end, and separate rows (the GPU default) ran their first pass over
+    # the shapes at 115 ms a step against shared rows' 386 ms there.
     pad_to_multiple_of: int | None = None
     reference_cache_dir: str = ".cache/reference_logps"
     best_metric: str = "loss"

@@ -12,9 +12,9 @@ Two layouts, one code path:
 Either way the batch lists the scored positions (each response token's predecessor), the token each predicts, its
 pair and its side, so the LM head scores only those and the sums are the same function in both layouts.
 
-Length buckets (`LengthBuckets`, on by default on a GPU): row widths and scored-position counts are padded up to a few
-fixed values drawn from the data, and batches are formed within a bucket (`LengthBucketSampler`). A GPU then sees a
-handful of shapes, so attention plans and compiled graphs are built once per bucket instead of once per batch.
+Length buckets (`LengthBuckets`, `training.length_buckets`, off by default): row widths and scored-position counts are
+padded up to a few fixed values drawn from the data, and batches are formed within a bucket (`LengthBucketSampler`).
+A GPU then sees a handful of shapes, so attention plans are built once per bucket instead of once per batch.
 """
 
 from __future__ import annotations
@@ -47,20 +47,30 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-# Device defaults for the `null` (auto) training settings; see config.TrainingConfig for why each differs.
-GPU_PAD_MULTIPLE = 64
-CPU_BUCKET_MULTIPLE = 8
-GPU_LENGTH_BUCKETS = 5
-FORWARD_BATCH_SIZE = {"cuda": 128, "cpu": 32}
+# What each `null` (device default) training setting means on each device. A GPU value other than the plain path
+# (TRL's own layout, exact widths, no compilation, the CPU's forward batch) has to rest on a GPU measurement that shows
+# it faster end to end; config.TrainingConfig names the measurement behind each. Only prompt sharing has one so far:
+# `scripts/gpu_check.sh` measures the rest (compiled and uncompiled, buckets on request) for a GPU session to set.
+DEVICE_DEFAULTS = {
+    "cpu": {"prompt_sharing": True, "length_buckets": 0, "pad_to_multiple_of": 1, "forward_batch": 32, "torch_compile": False},
+    "cuda": {"prompt_sharing": False, "length_buckets": 0, "pad_to_multiple_of": 1, "forward_batch": 32, "torch_compile": False},
+}  # fmt: skip
+# Bucket widths are multiples of this when batch widths are exact (`pad_to_multiple_of` 1).
+BUCKET_MULTIPLE = 8
+
+
+def device_default(setting: str, value: Any = None) -> Any:
+    """`value`, or this device's default for the setting when it is None (`null` in a config)."""
+    return DEVICE_DEFAULTS["cuda" if on_gpu() else "cpu"][setting] if value is None else value
 
 
 def default_prompt_sharing(setting: bool | None) -> bool:
-    return (not on_gpu()) if setting is None else setting
+    return device_default("prompt_sharing", setting)
 
 
 def forward_batch_size(setting: int | None) -> int:
     """Pairs per batch for the forward-only passes: the reference-cache fill and evaluation."""
-    return FORWARD_BATCH_SIZE["cuda" if on_gpu() else "cpu"] if setting is None else setting
+    return device_default("forward_batch", setting)
 
 
 def row_lengths(pairs, share_prompt: bool) -> list[int]:
@@ -312,16 +322,14 @@ def make_collator(
     """The collator for this device; `None` settings take the device's default (see config.TrainingConfig).
 
     With buckets, their widths and scored counts are drawn from the pairs of `datasets` (train and validation), in
-    batches of `batch_size`. Without, widths are rounded up to `pad_to_multiple_of` (64 on a GPU, exact on CPU).
+    batches of `batch_size`. Without, widths are rounded up to `pad_to_multiple_of` (exact by default).
     """
     share_prompt = default_prompt_sharing(share_prompt)
-    if pad_to_multiple_of is None:
-        pad_to_multiple_of = GPU_PAD_MULTIPLE if on_gpu() else 1
-    if length_buckets is None:
-        length_buckets = GPU_LENGTH_BUCKETS if on_gpu() else 0
+    pad_to_multiple_of = device_default("pad_to_multiple_of", pad_to_multiple_of)
+    length_buckets = device_default("length_buckets", length_buckets)
     buckets = None
     if length_buckets and datasets:
-        multiple = pad_to_multiple_of if pad_to_multiple_of > 1 else CPU_BUCKET_MULTIPLE
+        multiple = pad_to_multiple_of if pad_to_multiple_of > 1 else BUCKET_MULTIPLE
         lengths = [n for dataset in datasets for n in row_lengths(dataset, share_prompt)]
         scored = [c + r for dataset in datasets for c, r in zip(*response_token_counts(dataset))]
         buckets = plan_buckets(lengths, [int(n) for n in scored], length_buckets, multiple, batch_size)

@@ -33,7 +33,7 @@ from .curves import plot_run
 from .data import load_run_data, prepare_data
 from .loss import resolve_loss
 from .models import build_model, lora_config, resolve_precision
-from .packing import epoch_padding, forward_batch_size, make_collator, on_gpu
+from .packing import device_default, epoch_padding, forward_batch_size, make_collator, on_gpu
 from .rundir import (
     BEST_FILE,
     RUN_CONFIG_FILE,
@@ -80,7 +80,7 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
     training = config.training
     report_to = [target for target in config.logging.report_to if target != "jsonl"]  # metrics.jsonl is ours
     forward_batch = forward_batch_size(training.eval_batch_size)
-    compile_model = on_gpu() if training.torch_compile is None else training.torch_compile
+    compile_model = device_default("torch_compile", training.torch_compile)
     return DPOConfig(
         output_dir=str(config.run_dir),
         run_name=config.run_name,
@@ -278,13 +278,22 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         print(
             f"batch: {state.num_processes} process(es) x micro-batch {micro} x accumulation {accumulation} = "
             f"effective batch {config.training.effective_batch_size}; precision {precision}; "
-            f"{parallelism(trainer.accelerator)}",
+            f"{parallelism(trainer.accelerator)}; {compile_plan(trainer)}",
             flush=True,
         )
         print(batching_line(trainer), flush=True)
         hits = ", ".join(f"{name} {'reused' if hit else 'computed'}" for name, hit in trainer.reference_cache_hits.items())
         print(f"reference log-probs: {hits} (cache {config.training.reference_cache_dir})", flush=True)
     return PreparedRun(trainer, guard, resume_from, early_stopping)
+
+
+def compile_plan(trainer: RecipeDPOTrainer) -> str:
+    """Whether the model is compiled, and how, for the printed plan."""
+    if not trainer.args.torch_compile:
+        return "model compiled: no"
+    plugin = trainer.accelerator.state.dynamo_plugin
+    shapes = "dynamic shapes" if plugin.dynamic else "static shapes" if plugin.dynamic is False else "automatic shapes"
+    return f"model compiled: yes (torch.compile, {plugin.backend.value.lower()}, mode {plugin.mode}, {shapes})"
 
 
 def batching_line(trainer: RecipeDPOTrainer) -> str:

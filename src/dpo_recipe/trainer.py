@@ -7,6 +7,8 @@ What it changes, and why:
 - the loss is the configured pure function from `dpo_recipe.loss`;
 - every logged mean is an exact per-pair mean (`totals`), each pair counted once per pass;
 - a LoRA adapter keeps its dropout, which TRL's `disable_dropout` would zero with the model's;
+- a compiled model traces batch shapes as dynamic from the first batch, and a compilation that fails (or passes the
+  recompile limit) leaves the run training uncompiled, saying so, instead of ending it;
 - an FSDP launch shards on CPU too (accelerate engages FSDP on GPUs only), and FSDP epoch checkpoints also hold the
   whole model, so every command loads them as ordinary HF model directories;
 - every saved model directory carries the run's `scoring.json` (how it reads data), and TRL's model card gets a usage
@@ -24,6 +26,8 @@ import os
 from pathlib import Path
 
 import torch
+import torch._dynamo
+import torch._functorch.config
 from accelerate import PartialState
 from accelerate.utils import (
     DistributedType,
@@ -68,6 +72,11 @@ class WideLengthGroupedSampler(LengthGroupedSampler):
         return iter([i for b in [batches[0], *(batches[j] for j in order)] for i in b])
 
 
+# What a failed compilation raises: dynamo's own errors, a backend's (inductor's) arriving wrapped in
+# BackendCompilerFailed, and, under `fail_on_recompile_limit_hit`, passing the recompile limit.
+COMPILE_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+
+
 class RecipeDPOTrainer(DPOTrainer):
     def __init__(
         self, *args, model, loss_fn, reference_cache_dir: str, totals: RunningTotals | None = None, ref_model=None,
@@ -79,6 +88,7 @@ class RecipeDPOTrainer(DPOTrainer):
         self.reference_cache_dir = reference_cache_dir
         self.reference_cache_hits: dict[str, bool] = {}
         self.totals = totals or RunningTotals()
+        self.compile_fallback: str | None = None  # why this run stopped compiling, once it has
         # Hashed here, before anything is sharded (DTensors cannot be read), by the main process, whose weights are
         # the ones every rank trains from.
         self._reference_key = _main_process_value(lambda: model_fingerprint(ref_model or model))
@@ -94,6 +104,36 @@ class RecipeDPOTrainer(DPOTrainer):
         install_scoring_head(self.model)
         self._resumed_totals: dict | None = None
         self.add_callback(_EpochWindow(self))
+
+    def _build_accelerator_args(self, **kwargs):
+        args = super()._build_accelerator_args(**kwargs)
+        plugin = args.get("dynamo_plugin")
+        if plugin is not None and plugin.dynamic is None:  # None: dynamo's default; ACCELERATE_DYNAMO_USE_DYNAMIC wins
+            # Batch widths differ from batch to batch (or bucket to bucket). By default dynamo compiles the first width
+            # statically and compiles again, dynamically, at the second; traced dynamic from the first batch, the model
+            # compiles once (benchmarks/results.md, "torch.compile on the CPU").
+            plugin.dynamic = True
+        return args
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.args.torch_compile:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.compile_fallback is None:
+            try:
+                with _compilation_fails_in_the_forward():
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            except COMPILE_FAILURES as error:
+                # Raised by the model's forward before anything was recorded or any gradient computed: this batch is
+                # computed again below, eagerly, like every later one.
+                self.compile_fallback = compile_failure(error)
+                rank = f"rank {self.args.process_index}: " if self.args.world_size > 1 else ""
+                print(
+                    f"{rank}torch.compile failed at optimizer step {self.state.global_step + 1} "
+                    f"({self.compile_fallback}): this run continues uncompiled",
+                    flush=True,
+                )
+        with torch.compiler.set_stance("force_eager"):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -297,6 +337,26 @@ class _EpochWindow(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.trainer._start_epoch_window(state)
+
+
+@contextlib.contextmanager
+def _compilation_fails_in_the_forward():
+    """Every compilation failure raised by the forward, where nothing has been computed yet.
+
+    AOTAutograd compiles a backward graph lazily, at the first backward, after the step has added to gradients;
+    compiled with its forward, a failure leaves nothing half done. Past the recompile limit dynamo would run that one
+    frame eagerly, with a warning, and the rest compiled; raised instead, the run falls back as a whole.
+    """
+    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            yield
+
+
+def compile_failure(error: BaseException) -> str:
+    """A compilation failure in one line: the error a backend raised (not dynamo's wrapper), and its first line."""
+    cause = getattr(error, "inner_exception", None) or error
+    first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+    return f"{type(cause).__name__}: {first[:240]}" if first else type(cause).__name__
 
 
 def fsdp_requested() -> bool:
