@@ -69,8 +69,9 @@ def load_tokenizer(
     name = source or config.tokenizer or config.name_or_path
     key = "checkpoint" if source else "model.tokenizer" if config.tokenizer else "model.name_or_path"
     name = _existing_directory(name, key)
+    revision = config.revision if name == config.name_or_path else None  # a checkpoint or other tokenizer has none
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code, revision=revision)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{key}: cannot load tokenizer {name!r} ({str(error).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
@@ -88,11 +89,24 @@ def _existing_directory(name: str, key: str) -> str:
     return name
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def weight_dtype(config: ModelConfig) -> torch.dtype | str:
+    """The dtype `model.dtype` loads weights in: `auto` is the checkpoint's own on a GPU ("auto" to from_pretrained)
+    and fp32 on CPU, where bf16 matmuls run hundreds of times slower."""
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    return "auto" if torch.cuda.is_available() and config.tiny is None else torch.float32
+
+
 def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, source: str | None = None):
-    """The policy in fp32 (mixed precision autocasts from fp32 master weights).
+    """The policy, with its weights in `model.dtype` (see `weight_dtype`): the dtype of the master weights, the
+    gradients and the optimizer state; `training.precision` autocasts on top.
 
     `tiny` builds a randomly initialised GPT-2 from GPT2Config, seeded, sized to the tokenizer.
     """
+    dtype = weight_dtype(config)
     if source is None and config.tiny is not None:
         torch.manual_seed(seed)
         gpt2 = GPT2Config(
@@ -104,7 +118,7 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
                 **config.tiny,
             }
         )
-        model = GPT2LMHeadModel(gpt2)
+        model = GPT2LMHeadModel(gpt2).to(dtype)  # initialised in fp32, so every dtype starts from the same weights
         model.config._attn_implementation = config.attn_implementation
     else:
         name = _existing_directory(source or config.name_or_path, "checkpoint" if source else "model.name_or_path")
@@ -113,7 +127,8 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
                 name,
                 trust_remote_code=config.trust_remote_code,
                 attn_implementation=config.attn_implementation,
-                dtype=torch.float32,
+                dtype=dtype,
+                revision=config.revision if source is None else None,
                 use_safetensors=True,
             )
         except (OSError, ValueError) as error:
@@ -122,6 +137,29 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
     if context is not None and max_length > context:
         raise ConfigError(f"data.max_length must be <= the model's context of {context} tokens (got {max_length})")
     return model
+
+
+def peft_config_for(model: torch.nn.Module, lora):
+    """PEFT's LoraConfig for the recipe's `model.lora` block, on this model (any architecture)."""
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora.target_modules
+    if targets == "all-linear":  # PEFT's rule: every nn.Linear / Conv1D but the output head
+        head = model.get_output_embeddings()
+        targeted = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
+    elif isinstance(targets, str):  # a regular expression over full module names, as PEFT reads it
+        import re
+
+        targeted = [m for name, m in model.named_modules() if re.fullmatch(targets, name)]
+    else:
+        targeted = [m for name, m in model.named_modules() if name.split(".")[-1] in targets]
+    # GPT-2 stores its projections transposed (Conv1D); PEFT must know, or it warns and flips the flag itself.
+    transposed = any(isinstance(module, Conv1D) for module in targeted)
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, fan_in_fan_out=transposed,
+        use_dora=lora.use_dora, use_rslora=lora.use_rslora, modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
+    )
 
 
 # Config entries that name or describe a model without changing what it computes.

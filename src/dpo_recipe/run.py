@@ -4,6 +4,7 @@ epoch checkpoints, with the session recorded and the plots drawn (`run_training`
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -27,11 +28,11 @@ from .callbacks import (
     ShardReport,
     StepEvaluation,
 )
-from .config import ConfigError, RecipeConfig, describe_model
+from .config import OPTIMIZERS, ConfigError, RecipeConfig, describe_model
 from .curves import plot_run
 from .data import load_run_data, prepare_data
 from .loss import resolve_loss
-from .models import build_model, resolve_precision
+from .models import build_model, peft_config_for, resolve_precision
 from .packing import epoch_padding, forward_batch_size, make_collator, on_gpu
 from .rundir import (
     BEST_FILE,
@@ -69,6 +70,21 @@ CHECKPOINTING_ARGUMENT = (
 )
 
 
+def optimizer_name(config: RecipeConfig) -> str:
+    """transformers' name for `training.optim`, once the package it needs is known to be installed."""
+    name = config.training.optim
+    if name is None:
+        # Fused AdamW needs the optimizer's tensors on an accelerator to pay off; plain AdamW elsewhere.
+        return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+    package = OPTIMIZERS[name]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"{config.origin('training.optim')}: training.optim {name} needs {package}, which is not installed: "
+            f"pip install -e \".[qlora]\""
+        )
+    return name
+
+
 def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOConfig:
     micro, accumulation = batch_plan(config, world_size)
     training = config.training
@@ -86,15 +102,19 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         gradient_accumulation_steps=accumulation,
         per_device_eval_batch_size=forward_batch,
         lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio,
+        lr_scheduler_kwargs=training.lr_scheduler_kwargs or {},
+        # transformers reads a warmup_steps below 1 as a ratio of the run's steps.
+        warmup_steps=training.warmup_steps or training.warmup_ratio,
         weight_decay=training.weight_decay,
         max_grad_norm=training.max_grad_norm,
         seed=training.seed,
         data_seed=training.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        # Fused AdamW needs the optimizer's tensors on an accelerator to pay off; plain AdamW elsewhere.
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        optim=optimizer_name(config),
+        adam_beta1=training.adam_beta1,
+        adam_beta2=training.adam_beta2,
+        adam_epsilon=training.adam_epsilon,
         use_cpu=not torch.cuda.is_available(),
         # On a GPU, batches are copied from pinned memory without making the host wait for the copy.
         dataloader_pin_memory=on_gpu(),
@@ -198,20 +218,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     if "wandb" in config.logging.report_to:
         os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
         os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
-    peft_config = None
-    if config.model.lora is not None:
-        from peft import LoraConfig
-        from transformers.pytorch_utils import Conv1D
-
-        lora = config.model.lora
-        # GPT-2 stores its projections transposed (Conv1D); PEFT must know, or it warns and flips the flag itself.
-        transposed = any(
-            isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in lora.target_modules
-        )
-        peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            fan_in_fan_out=transposed, task_type="CAUSAL_LM",
-        )
+    peft_config = None if config.model.lora is None else peft_config_for(model, config.model.lora)
 
     micro, _ = batch_plan(config, state.num_processes)
     training = config.training
@@ -254,7 +261,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         micro, accumulation = batch_plan(config, state.num_processes)
         print(
             f"batch: {state.num_processes} process(es) x micro-batch {micro} x accumulation {accumulation} = "
-            f"effective batch {config.training.effective_batch_size}; precision {precision}; "
+            f"effective batch {config.training.effective_batch_size}; precision {precision}; {weights_line(trainer.model)}; "
             f"{parallelism(trainer.accelerator)}",
             flush=True,
         )
@@ -262,6 +269,15 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         hits = ", ".join(f"{name} {'reused' if hit else 'computed'}" for name, hit in trainer.reference_cache_hits.items())
         print(f"reference log-probs: {hits} (cache {config.training.reference_cache_dir})", flush=True)
     return PreparedRun(trainer, guard, resume_from)
+
+
+def weights_line(model: torch.nn.Module) -> str:
+    """The dtype the trainable weights are held and updated in: what a bf16 load means for memory and precision."""
+    dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    if dtype == torch.float32:
+        return "weights fp32"
+    return f"weights {name}: master weights, gradients and optimizer state are {name} too (no fp32 copy)"
 
 
 def batching_line(trainer: RecipeDPOTrainer) -> str:
