@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,16 +15,18 @@ from dpo_recipe.cli import main
 from dpo_recipe.config import ConfigError, ModelConfig
 from dpo_recipe.rundir import epoch_dirs
 from dpo_recipe.run import prepare_run
+from dpo_recipe.synthetic import synthetic_rows
 
 SHORT_RUN = ("data.num_pairs=60", "data.num_test_pairs=8", "training.num_epochs=1")
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory, tokenizer):
-    """A tiny Llama (GQA, RMSNorm, RoPE, SwiGLU) saved as a model directory with its tokenizer, as a hub model is."""
+    """A tiny Llama (GQA, RMSNorm, RoPE, SwiGLU) saved as a model directory with its tokenizer, as a hub model is.
+    64 wide: bitsandbytes quantizes 4-bit weights in blocks of 64 (a 32-wide row cannot be split into them)."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -210,3 +216,71 @@ def test_eight_bit_adamw_trains_through_bitsandbytes(smoke_config, tiny_gpt2):
     assert any(not torch.equal(a, b) for a, b in zip(before, tiny_gpt2.parameters()))
     # Moments of a large tensor are held in 8 bits (transformers keeps embeddings' in 32).
     assert optimizer.state[tiny_gpt2.transformer.h[0].mlp.c_fc.weight]["state1"].dtype == torch.uint8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QLoRA (bitsandbytes, the optional extra .[qlora]; its CPU backend runs here)
+
+
+def test_qlora_trains_an_adapter_on_a_4bit_base_then_merges_and_evaluates(smoke_config, tiny_llama_dir, tmp_path):
+    bitsandbytes = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the optional extra .[qlora]")
+    config = smoke_config(*llama_run(tiny_llama_dir), *SHORT_RUN, "model.quantization.bits=4", "model.lora.r=8")
+    run = prepare_run(config)
+    base = run.trainer.model.get_base_model()
+    assert any(isinstance(module, bitsandbytes.nn.Linear4bit) for module in base.modules())
+    assert run.trainer.ref_model is None  # the reference is the quantized base with the adapter off
+    assert all("lora_" in name for name, p in run.trainer.model.named_parameters() if p.requires_grad)
+    run.trainer.train()
+    final = epoch_dirs(config.run_dir)[-1]
+    assert any(value.abs().max() > 0 for name, value in load_file(final / "adapter_model.safetensors").items() if "lora_B" in name)
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--checkpoint", str(final), "--out", str(merged_dir)]) == 0
+    merged = load_file(merged_dir / "model.safetensors")
+    assert {tensor.dtype for tensor in merged.values()} == {torch.float32}  # de-quantized into model.dtype (fp32 here)
+    assert not any("absmax" in name or "quant" in name for name in merged)
+    # The merged model computes what the adapter on the quantized base computed, up to the bf16 adapter weights.
+    input_ids = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 11, 7, 300]])
+    merged_model = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert (sequence_logps(merged_model, input_ids) - sequence_logps(run.trainer.model.eval(), input_ids)).abs().max() < 2e-2
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in synthetic_rows("test", 8)))
+    assert main(["eval", str(merged_dir), "--reference", str(tiny_llama_dir), "--data", str(pairs)]) == 0
+    assert json.loads((merged_dir / "eval_pairs.json").read_text())["pairs"] == 8
+
+
+def test_8bit_quantization_loads_int8_layers(tiny_llama_dir, tokenizer):
+    bitsandbytes = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the optional extra .[qlora]")
+    from dpo_recipe.config import LoraConfig, QuantizationConfig
+    from dpo_recipe.models import build_model
+
+    config = ModelConfig(name_or_path=str(tiny_llama_dir), lora=LoraConfig(), quantization=QuantizationConfig(bits=8))
+    model = build_model(config, tokenizer, seed=0, max_length=64)
+    layers = [module for module in model.modules() if isinstance(module, bitsandbytes.nn.Linear8bitLt)]
+    assert layers and all(layer.weight.dtype == torch.int8 for layer in layers)
+    assert not any(p.requires_grad for p in model.parameters())  # the quantized base is frozen
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("model.quantization.bits=4",), "--set model.quantization.bits=4: model.quantization trains a LoRA adapter on a frozen quantized base: add model.lora"),
+        (("model.quantization.bits=3", "model.lora.r=8"), "--set model.quantization.bits=3: model.quantization.bits must be one of 4, 8 (got 3)"),
+        (("model.quantization.quant_type=int4", "model.lora.r=8"), "model.quantization.quant_type must be one of nf4, fp4 (got 'int4')"),
+    ],
+)
+def test_quantization_config_errors_are_one_line(overrides, message, smoke_config, tiny_llama_dir):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        smoke_config(*llama_run(tiny_llama_dir), *overrides)
+
+
+def test_quantization_of_a_tiny_model_or_without_bitsandbytes_is_one_line(smoke_config, tiny_llama_dir, tokenizer, monkeypatch):
+    with pytest.raises(ConfigError, match="set model.name_or_path .* instead of model.tiny"):
+        smoke_config("model.quantization.bits=4", "model.lora.r=8")
+    from dpo_recipe import models
+
+    config = smoke_config(*llama_run(tiny_llama_dir), "model.quantization.bits=4", "model.lora.r=8")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real_find_spec(name))
+    with pytest.raises(ConfigError, match=re.escape('model.quantization needs bitsandbytes, which is not installed: pip install -e ".[qlora]"')):
+        models.build_model(config.model, tokenizer, seed=0, max_length=64)

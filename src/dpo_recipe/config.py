@@ -40,6 +40,20 @@ class LoraConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """QLoRA: the base model loaded in 4 or 8 bits through bitsandbytes (`pip install -e ".[qlora]"`), frozen, with a
+    LoRA adapter trained on top."""
+
+    bits: int = 4
+    # 4-bit only: NF4 (normal-float, the QLoRA paper's) or FP4.
+    quant_type: str = "nf4"
+    # 4-bit only: quantize the quantization constants too (about 0.4 bits per parameter less).
+    double_quant: bool = True
+    # The dtype 4-bit layers compute in. auto: bf16 on a GPU that supports it, fp32 otherwise.
+    compute_dtype: str = "auto"
+
+
+@dataclass
 class ModelConfig:
     # A hub id or a local model directory. With `tiny` there is no such model: loading makes this null (a name
     # given anyway moves to `tokenizer`, the only thing it chose), so a run's config.yaml never names a model it
@@ -58,6 +72,7 @@ class ModelConfig:
     # A hub model's branch, tag or commit (model and tokenizer); null: the default branch.
     revision: str | None = None
     lora: LoraConfig | None = None
+    quantization: QuantizationConfig | None = None
 
 
 @dataclass
@@ -445,6 +460,28 @@ def _validate(config: RecipeConfig) -> None:
             raise ConfigError(f"{config.origin('logging.report_to')}: logging.report_to must list some of {', '.join(REPORT_TARGETS)} (got {target!r})")
     if config.model.lora is not None and config.model.lora.r < 1:
         raise ConfigError(f"{config.origin('model.lora.r')}: model.lora.r must be >= 1 (got {config.model.lora.r})")
+    quantization = config.model.quantization
+    if quantization is not None:
+        # The block, or any key in it, may have come from a flag.
+        block_origin = next((flag for key, flag in config.overrides.items() if key.startswith("model.quantization")), config.source_file)
+        for key, value, allowed in (
+            ("bits", quantization.bits, (4, 8)),
+            ("quant_type", quantization.quant_type, ("nf4", "fp4")),
+            ("compute_dtype", quantization.compute_dtype, ("auto", "bf16", "fp16", "fp32")),
+        ):
+            if value not in allowed:
+                where = config.origin(f"model.quantization.{key}")
+                raise ConfigError(f"{where}: model.quantization.{key} must be one of {', '.join(map(str, allowed))} (got {value!r})")
+        if config.model.lora is None:
+            raise ConfigError(
+                f"{block_origin}: model.quantization trains a LoRA adapter on a frozen quantized "
+                "base: add model.lora (e.g. --set model.lora.r=16)"
+            )
+        if config.model.tiny is not None:
+            raise ConfigError(
+                f"{block_origin}: model.quantization loads a saved model through bitsandbytes: "
+                "set model.name_or_path (a hub id or directory) instead of model.tiny"
+            )
     if config.model.tiny is None and not config.model.name_or_path:
         raise ConfigError(f"{config.origin('model.name_or_path')}: model.name_or_path must name a hub model or a local directory (or set model.tiny)")
     # `..` or `.` would make the run directory the output directory's parent or itself, which --overwrite removes.

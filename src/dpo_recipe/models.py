@@ -100,6 +100,32 @@ def weight_dtype(config: ModelConfig) -> torch.dtype | str:
     return "auto" if torch.cuda.is_available() and config.tiny is None else torch.float32
 
 
+def bitsandbytes_config(config: ModelConfig):
+    """transformers' BitsAndBytesConfig for `model.quantization`; one line naming the extra when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError('model.quantization needs bitsandbytes, which is not installed: pip install -e ".[qlora]"')
+    from transformers import BitsAndBytesConfig
+
+    quantization = config.quantization
+    compute = quantization.compute_dtype
+    if compute == "auto":
+        compute = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant, bnb_4bit_compute_dtype=DTYPES[compute],
+    )
+
+
+def dequantized(model: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
+    """A quantized base as a plain model in `model.dtype`, so an adapter merges into full-precision weights."""
+    dtype = weight_dtype(config)
+    return model.dequantize(dtype=torch.float32 if dtype == "auto" else dtype)
+
+
 def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, source: str | None = None):
     """The policy, with its weights in `model.dtype` (see `weight_dtype`): the dtype of the master weights, the
     gradients and the optimizer state; `training.precision` autocasts on top.
@@ -122,6 +148,7 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
         model.config._attn_implementation = config.attn_implementation
     else:
         name = _existing_directory(source or config.name_or_path, "checkpoint" if source else "model.name_or_path")
+        quantization = bitsandbytes_config(config) if config.quantization is not None else None
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 name,
@@ -130,9 +157,20 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
                 dtype=dtype,
                 revision=config.revision if source is None else None,
                 use_safetensors=True,
+                quantization_config=quantization,
             )
         except (OSError, ValueError) as error:
             raise ConfigError(f"model.name_or_path: cannot load {name!r} ({str(error).splitlines()[0]})") from None
+        except RuntimeError as error:  # bitsandbytes without a backend for this device
+            if quantization is None:
+                raise
+            raise ConfigError(f"model.quantization: bitsandbytes cannot quantize on this device ({str(error).splitlines()[0]})") from None
+        if quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            # Freezes the quantized base and keeps its norms and embeddings in fp32; the trainer's own setting turns
+            # gradient checkpointing on, or not.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if context is not None and max_length > context:
         raise ConfigError(f"data.max_length must be <= the model's context of {context} tokens (got {max_length})")
