@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +285,33 @@ def test_quantization_of_a_tiny_model_or_without_bitsandbytes_is_one_line(smoke_
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real_find_spec(name))
     with pytest.raises(ConfigError, match=re.escape('model.quantization needs bitsandbytes, which is not installed: pip install -e ".[qlora]"')):
         models.build_model(config.model, tokenizer, seed=0, max_length=64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Example configs
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "configs" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])
+def test_example_configs_resolve_with_print_config(path, capsys):
+    from dpo_recipe.config import load_config
+
+    assert main(["print-config", "--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    config = load_config(path)
+    assert f"run_name: {config.run_name}" in printed and config.run_name == path.stem
+    if "qlora" in path.stem:
+        assert config.model.quantization.bits == 4 and config.model.lora is not None
+    elif "lora" in path.stem:
+        assert config.model.lora.target_modules == "all-linear" and config.model.quantization is None
+    else:
+        assert config.model.lora is None and config.data.format == "hh-rlhf-chat"
+
+
+def test_there_are_the_three_documented_examples():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert len(EXAMPLES) == 3
+    for path in EXAMPLES:
+        assert f"configs/examples/{path.name}" in readme
