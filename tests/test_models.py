@@ -315,3 +315,56 @@ def test_there_are_the_three_documented_examples():
     assert len(EXAMPLES) == 3
     for path in EXAMPLES:
         assert f"configs/examples/{path.name}" in readme
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-machine launch
+
+
+def test_two_machines_of_one_process_train_like_one_process(tmp_path):
+    """recipes/accelerate_configs/multi_node.yaml with 2 "machines" on this host (gloo on CPU), as on a cluster."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from test_train import single_process_validation
+
+    from dpo_recipe.rundir import read_metrics
+
+    repo = Path(__file__).resolve().parents[1]
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "multinode"
+
+    def machine(rank: int) -> subprocess.Popen:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(repo / "recipes" / "accelerate_configs" / "multi_node.yaml"),
+            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--mixed_precision", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            str(repo / "scripts" / "train.py"), "--config", str(repo / "configs" / "smoke.yaml"),
+            "--set", f"training.output_dir={out}", "--set", f"training.reference_cache_dir={tmp_path / 'cache'}",
+            "--set", "training.num_epochs=1",
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+        log = open(tmp_path / f"machine{rank}.log", "w")
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=repo)
+
+    machines = [machine(0), machine(1)]
+    try:
+        codes = [process.wait(timeout=600) for process in machines]
+    finally:
+        for process in machines:
+            if process.poll() is None:
+                process.kill()
+    logs = [(tmp_path / f"machine{rank}.log").read_text() for rank in (0, 1)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "batch: 2 process(es) x micro-batch 8 x accumulation 1 = effective batch 16" in logs[0]
+    run_dir = out / "smoke"
+    (record,) = read_metrics(run_dir)
+    assert record["train"]["pairs"] == 192 and record["val"]["pairs"] == 48
+    expected = single_process_validation(run_dir, run_dir / "epoch-1")
+    for key, value in expected.items():
+        assert record["val"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
