@@ -66,7 +66,7 @@ def test_bf16_weights_train_and_save_as_bf16(smoke_config, tiny_llama_dir, capsy
 def test_fp32_is_the_cpu_default_and_the_plan_says_so(smoke_config, tiny_llama_dir, capsys):
     run = prepare_run(smoke_config(*llama_run(tiny_llama_dir), *SHORT_RUN))
     assert {p.dtype for p in run.trainer.model.parameters()} == {torch.float32}
-    assert "; weights fp32;" in capsys.readouterr().out
+    assert "; 1 process; weights fp32\n" in capsys.readouterr().out
 
 
 def test_revision_reaches_both_hub_loads(monkeypatch, tokenizer):

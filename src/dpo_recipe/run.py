@@ -261,8 +261,8 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         micro, accumulation = batch_plan(config, state.num_processes)
         print(
             f"batch: {state.num_processes} process(es) x micro-batch {micro} x accumulation {accumulation} = "
-            f"effective batch {config.training.effective_batch_size}; precision {precision}; {weights_line(trainer.model)}; "
-            f"{parallelism(trainer.accelerator)}",
+            f"effective batch {config.training.effective_batch_size}; precision {precision}; "
+            f"{parallelism(trainer.accelerator)}; {weights_line(trainer.model)}",
             flush=True,
         )
         print(batching_line(trainer), flush=True)
