@@ -182,17 +182,18 @@ def llama_dir(tmp_path, tiny_llama, tokenizer):
 
 
 def test_lora_targets_that_match_nothing_stop_before_the_run_directory(tmp_path, llama_dir, capsys):
-    """GPT-2's default targets on a Llama-style model: one line naming the key and the layers there are, exit 2."""
+    """GPT-2's targets on a Llama-style model: one line naming the key and the layers there are, exit 2."""
     arguments = ["train", "--config", str(SMOKE_CONFIG)] + [
         a for s in [f"training.output_dir={tmp_path / 'checkpoints'}", f"training.reference_cache_dir={tmp_path / 'cache'}",
                     "model.tiny=null", f"model.name_or_path={llama_dir}", "model.tokenizer=null", "model.lora.r=4",
-                    "data.num_pairs=40", "data.num_test_pairs=4"]
+                    "model.lora.target_modules=[c_attn, c_proj]", "data.num_pairs=40", "data.num_test_pairs=4"]
         for a in ("--set", s)
     ]  # fmt: skip
     layers = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
     assert main(arguments) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {SMOKE_CONFIG}: model.lora.target_modules c_attn, c_proj match no module of this model; its linear "
+        "error: --set model.lora.target_modules=[c_attn, c_proj]: model.lora.target_modules c_attn, c_proj match no "
+        "module of this model; its linear "
         f"layers are {layers}"
     ]
     # One of several that matches nothing is named too (PEFT would only warn and leave it out).

@@ -48,7 +48,7 @@ def test_overrides_reach_any_key_and_are_typed():
     )
     assert config.training.learning_rate == 5e-5
     assert config.loss.type == "ipo"
-    assert config.model.lora.r == 8 and config.model.lora.target_modules == ["c_attn", "c_proj"]
+    assert config.model.lora.r == 8 and config.model.lora.target_modules == "all-linear"
     assert config.data.strict is True
     with pytest.raises(ConfigError, match="training.num_epochs must be an integer"):
         load_config(REPO / "configs" / "beta0.3.yaml", ["training.num_epochs=many"])

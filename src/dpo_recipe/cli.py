@@ -256,7 +256,12 @@ def _name_the_source(message: str, config_file: str, overrides: list[str]) -> st
 
 def quiet_third_party_output() -> None:
     """No progress bars for saving and loading, and no warnings known to be benign; `--verbose` keeps them all."""
+    import logging
     import warnings
+
+    # bitsandbytes (the .[qlora] extra), imported by PEFT and transformers whenever installed, says at import on an
+    # AVX512-BF16 CPU that it cannot fetch an optional kernel from the hub, then uses its own: every command, no fault.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     import transformers
 

@@ -28,7 +28,29 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
+    # `all-linear`: every linear layer but the output head, in any architecture (GPT-2's Conv1D projections too);
+    # or a list of module names, for example [q_proj, v_proj].
+    target_modules: str | list[str] = "all-linear"
+    # DoRA: the update is split into a magnitude and a direction (PEFT `use_dora`).
+    use_dora: bool = False
+    # rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning.
+    use_rslora: bool = False
+    # Modules trained in full and saved beside the adapter, for example [lm_head] after adding tokens.
+    modules_to_save: list[str] | None = None
+
+
+@dataclass
+class QuantizationConfig:
+    """QLoRA: the base model loaded in 4 or 8 bits through bitsandbytes (`pip install -e ".[qlora]"`), frozen, with a
+    LoRA adapter trained on top."""
+
+    bits: int = 4
+    # 4-bit only: NF4 (normal-float, the QLoRA paper's) or FP4.
+    quant_type: str = "nf4"
+    # 4-bit only: quantize the quantization constants too (about 0.4 bits per parameter less).
+    double_quant: bool = True
+    # The dtype 4-bit layers compute in. auto: bf16 on a GPU that supports it, fp32 otherwise.
+    compute_dtype: str = "auto"
 
 
 @dataclass
@@ -44,7 +66,13 @@ class ModelConfig:
     tiny: dict[str, Any] | None = None
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    # The dtype weights are loaded and trained in (master weights and optimizer state included); training.precision
+    # is autocast on top. auto: the checkpoint's own dtype on a GPU, fp32 on CPU (and for a `tiny` model).
+    dtype: str = "auto"
+    # A hub model's branch, tag or commit (model and tokenizer); null: the default branch.
+    revision: str | None = None
     lora: LoraConfig | None = None
+    quantization: QuantizationConfig | None = None
 
 
 @dataclass
@@ -87,7 +115,16 @@ class TrainingConfig:
     # ran 16 faster than 32, so it passes 16).
     eval_batch_size: int | None = None
     lr_scheduler: str = "linear"
+    # Keyword arguments of the scheduler, for example {num_cycles: 2} for cosine_with_restarts.
+    lr_scheduler_kwargs: dict[str, Any] | None = None
     warmup_ratio: float = 0.0
+    # Warmup as a number of optimizer steps (instead of warmup_ratio).
+    warmup_steps: int = 0
+    # transformers' optimizer name (see OPTIMIZERS); null: adamw_torch_fused on a GPU, adamw_torch on CPU.
+    optim: str | None = None
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 42
@@ -223,10 +260,20 @@ def describe_model(model: ModelConfig) -> str:
 DATA_FORMATS = (
     "auto", "hh-rlhf", "hh-rlhf-chat", "standard", "standard_implicit", "conversational", "conversational_implicit",
 )  # fmt: skip
+# training.optim values, each with the package it needs beyond the recipe's own dependencies (and the extra that
+# installs it).
+OPTIMIZERS = {
+    "adamw_torch": None, "adamw_torch_fused": None, "adafactor": None,
+    "adamw_8bit": "bitsandbytes", "paged_adamw_8bit": "bitsandbytes", "lion_8bit": "bitsandbytes",
+}  # fmt: skip
 CHOICES = {
     "data.format": DATA_FORMATS,
     "training.precision": ("auto", "bf16", "fp32", "fp16"),
-    "training.lr_scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
+    "training.lr_scheduler": (
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt",
+        "cosine_with_min_lr", "warmup_stable_decay",
+    ),
+    "model.dtype": ("auto", "bf16", "fp16", "fp32"),
     "training.best_metric": ("loss", "accuracy", "margin"),
     "training.keep_epochs": ("all", "best_and_last"),
     "training.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -351,8 +398,11 @@ def _coerce(value: Any, annotation: Any, where: dict[str, str], key: str) -> Any
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
-        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _coerce(value, inner, where, key)
+        choices = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(choices) > 1:  # `str | list[str]`: the form the value was written in, else the first one's message
+            matching = [a for a in choices if isinstance(value, typing.get_origin(a) or a)]
+            return _coerce(value, (matching or choices)[0], where, key)
+        return _coerce(value, choices[0], where, key)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{file}: {key} must be a mapping of {annotation.__name__} keys, got {value!r}")
@@ -408,6 +458,25 @@ def _validate(config: RecipeConfig) -> None:
         ("training.logging_steps", config.training.logging_steps >= 1, "must be >= 1"),
         ("training.early_stopping_patience", (config.training.early_stopping_patience or 1) >= 1, "must be >= 1 or null"),
         ("training.warmup_ratio", 0 <= config.training.warmup_ratio < 1, "must be in [0, 1)"),
+        ("training.warmup_steps", config.training.warmup_steps >= 0, "must be >= 0"),
+        (
+            "training.warmup_steps",
+            not (config.training.warmup_steps and config.training.warmup_ratio),
+            f"and training.warmup_ratio ({config.training.warmup_ratio}) are both set: keep one",
+        ),
+        (
+            "training.optim",
+            config.training.optim is None or config.training.optim in OPTIMIZERS,
+            f"must be one of {', '.join(OPTIMIZERS)} or null",
+        ),
+        ("training.adam_beta1", 0 <= config.training.adam_beta1 < 1, "must be in [0, 1)"),
+        ("training.adam_beta2", 0 <= config.training.adam_beta2 < 1, "must be in [0, 1)"),
+        ("training.adam_epsilon", config.training.adam_epsilon > 0, "must be > 0"),
+        (
+            "model.revision",
+            config.model.revision is None or (config.model.tiny is None and not looks_like_local_path(config.model.name_or_path or "")),
+            "applies to hub models only, not to a local directory or a tiny model",
+        ),
         ("data.max_length", config.data.max_length >= 16, "must be >= 16"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be in (0, 1)"),
         ("data.num_pairs", config.data.num_pairs >= 2, "must be >= 2"),
@@ -451,6 +520,28 @@ def _validate(config: RecipeConfig) -> None:
             raise ConfigError(f"{config.origin('logging.report_to')}: logging.report_to must list some of {', '.join(REPORT_TARGETS)} (got {target!r})")
     if config.model.lora is not None and config.model.lora.r < 1:
         raise ConfigError(f"{config.origin('model.lora.r')}: model.lora.r must be >= 1 (got {config.model.lora.r})")
+    quantization = config.model.quantization
+    if quantization is not None:
+        # The block, or any key in it, may have come from a flag.
+        block_origin = next((flag for key, flag in config.overrides.items() if key.startswith("model.quantization")), config.source_file)
+        for key, value, allowed in (
+            ("bits", quantization.bits, (4, 8)),
+            ("quant_type", quantization.quant_type, ("nf4", "fp4")),
+            ("compute_dtype", quantization.compute_dtype, ("auto", "bf16", "fp16", "fp32")),
+        ):
+            if value not in allowed:
+                where = config.origin(f"model.quantization.{key}")
+                raise ConfigError(f"{where}: model.quantization.{key} must be one of {', '.join(map(str, allowed))} (got {value!r})")
+        if config.model.lora is None:
+            raise ConfigError(
+                f"{block_origin}: model.quantization trains a LoRA adapter on a frozen quantized "
+                "base: add model.lora (e.g. --set model.lora.r=16)"
+            )
+        if config.model.tiny is not None:
+            raise ConfigError(
+                f"{block_origin}: model.quantization loads a saved model through bitsandbytes: "
+                "set model.name_or_path (a hub id or directory) instead of model.tiny"
+            )
     if config.model.tiny is None and not config.model.name_or_path:
         raise ConfigError(f"{config.origin('model.name_or_path')}: model.name_or_path must name a hub model or a local directory (or set model.tiny)")
     # `..` or `.` would make the run directory the output directory's parent or itself, which --overwrite removes.

@@ -45,7 +45,7 @@ from .data import (
 )
 from .hub import check_hub_access
 from .loss import resolve_loss
-from .models import build_model, load_tokenizer, model_fingerprint, resolve_precision
+from .models import build_model, dequantized, load_tokenizer, model_fingerprint, resolve_precision
 from .packing import dataset_pair_logps, forward_batch_size, make_collator, response_token_counts
 from .reference import cache_path, cached_reference_logps
 from .rundir import (
@@ -223,7 +223,13 @@ def merge_adapter(checkpoint: str | Path, out: str | Path) -> Path:
         raise ConfigError(f"{checkpoint}: not a LoRA checkpoint (no {ADAPTER_CONFIG_FILE}); it already holds a full model")
     config = load_run_config(checkpoint.parent)
     tokenizer = load_tokenizer(config.model, source=str(checkpoint))
-    model = load_policy_model(config, checkpoint.parent, checkpoint, tokenizer, fused_lm_head=False).merge_and_unload()
+    if config.model.quantization is not None:  # merged into the de-quantized base, saved in model.dtype
+        from peft import PeftModel
+
+        base = dequantized(load_reference_model(config, checkpoint.parent, tokenizer), config.model)
+        model = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
+    else:
+        model = load_policy_model(config, checkpoint.parent, checkpoint, tokenizer, fused_lm_head=False).merge_and_unload()
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)  # with the chat template the run rendered its messages with

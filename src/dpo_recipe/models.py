@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .config import ConfigError, ModelConfig, RecipeConfig, looks_like_local_path
+from .config import ConfigError, ModelConfig, looks_like_local_path
 
 LOCAL_BPE = "local-bpe"
 EOS_TOKEN = "<|endoftext|>"
@@ -69,8 +69,9 @@ def load_tokenizer(
     name = source or config.tokenizer or config.name_or_path
     key = "checkpoint" if source else "model.tokenizer" if config.tokenizer else "model.name_or_path"
     name = _existing_directory(name, key)
+    revision = config.revision if name == config.name_or_path else None  # a checkpoint or other tokenizer has none
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code, revision=revision)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{key}: cannot load tokenizer {name!r} ({str(error).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
@@ -88,11 +89,50 @@ def _existing_directory(name: str, key: str) -> str:
     return name
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def weight_dtype(config: ModelConfig) -> torch.dtype | str:
+    """The dtype `model.dtype` loads weights in: `auto` is the checkpoint's own on a GPU ("auto" to from_pretrained)
+    and fp32 on CPU, where bf16 matmuls run hundreds of times slower."""
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    return "auto" if torch.cuda.is_available() and config.tiny is None else torch.float32
+
+
+def bitsandbytes_config(config: ModelConfig):
+    """transformers' BitsAndBytesConfig for `model.quantization`; one line naming the extra when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError('model.quantization needs bitsandbytes, which is not installed: pip install -e ".[qlora]"')
+    from transformers import BitsAndBytesConfig
+
+    quantization = config.quantization
+    compute = quantization.compute_dtype
+    if compute == "auto":
+        compute = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant, bnb_4bit_compute_dtype=DTYPES[compute],
+    )
+
+
+def dequantized(model: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
+    """A quantized base as a plain model in `model.dtype`, so an adapter merges into full-precision weights."""
+    dtype = weight_dtype(config)
+    return model.dequantize(dtype=torch.float32 if dtype == "auto" else dtype)
+
+
 def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, source: str | None = None):
-    """The policy in fp32 (mixed precision autocasts from fp32 master weights).
+    """The policy, with its weights in `model.dtype` (see `weight_dtype`): the dtype of the master weights, the
+    gradients and the optimizer state; `training.precision` autocasts on top.
 
     `tiny` builds a randomly initialised GPT-2 from GPT2Config, seeded, sized to the tokenizer.
     """
+    dtype = weight_dtype(config)
     if source is None and config.tiny is not None:
         torch.manual_seed(seed)
         gpt2 = GPT2Config(
@@ -106,24 +146,78 @@ def build_model(config: ModelConfig, tokenizer, seed: int, max_length: int, sour
                 **config.tiny,
             }
         )
-        model = GPT2LMHeadModel(gpt2)
+        model = GPT2LMHeadModel(gpt2).to(dtype)  # initialised in fp32, so every dtype starts from the same weights
         model.config._attn_implementation = config.attn_implementation
     else:
         name = _existing_directory(source or config.name_or_path, "checkpoint" if source else "model.name_or_path")
+        quantization = bitsandbytes_config(config) if config.quantization is not None else None
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 name,
                 trust_remote_code=config.trust_remote_code,
                 attn_implementation=config.attn_implementation,
-                dtype=torch.float32,
+                dtype=dtype,
+                revision=config.revision if source is None else None,
                 use_safetensors=True,
+                quantization_config=quantization,
             )
         except (OSError, ValueError) as error:
             raise ConfigError(f"model.name_or_path: cannot load {name!r} ({str(error).splitlines()[0]})") from None
+        except RuntimeError as error:  # bitsandbytes without a backend for this device
+            if quantization is None:
+                raise
+            raise ConfigError(f"model.quantization: bitsandbytes cannot quantize on this device ({str(error).splitlines()[0]})") from None
+        if quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            # Freezes the quantized base and keeps its norms and embeddings in fp32; the trainer's own setting turns
+            # gradient checkpointing on, or not.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if context is not None and max_length > context:
         raise ConfigError(f"data.max_length must be <= the model's context of {context} tokens (got {max_length})")
     return model
+
+
+def peft_config_for(model: torch.nn.Module, lora, origin: str = "model.lora.target_modules"):
+    """PEFT's LoraConfig for the recipe's `model.lora` block on this model (any architecture), once every target
+    names modules of it.
+
+    PEFT only fails when no target matches anything, with a long traceback, and only after the run directory exists;
+    a target that matches nothing, beside others that do, it would skip with a warning. `origin` is where the targets
+    were set (the config file or the --set flag), for the one-line error.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora.target_modules
+    head = model.get_output_embeddings()
+    modules = dict(model.named_modules())
+    linear = {name: m for name, m in modules.items() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head}
+
+    def matching(target) -> list[torch.nn.Module]:  # PEFT's own rule: a string is a regular expression over full names
+        probe = LoraConfig(target_modules=target)
+        return [m for name, m in modules.items() if check_target_module_exists(probe, name)]
+
+    if targets == "all-linear":  # PEFT's rule: every nn.Linear / Conv1D but the output head
+        found = {targets: list(linear.values())}
+    elif isinstance(targets, str):
+        found = {targets: matching(targets)}
+    else:
+        found = {target: matching([target]) for target in targets}
+    unmatched = [target for target, targeted in found.items() if not targeted]
+    if unmatched:
+        raise ConfigError(
+            f"{origin}: model.lora.target_modules {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} "
+            f"no module of this model; its linear layers are {', '.join(dict.fromkeys(n.split('.')[-1] for n in linear))}"
+        )
+    # GPT-2 stores its projections transposed (Conv1D); PEFT must know, or it warns and flips the flag itself.
+    transposed = any(isinstance(module, Conv1D) for targeted in found.values() for module in targeted)
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, fan_in_fan_out=transposed,
+        use_dora=lora.use_dora, use_rslora=lora.use_rslora, modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
+    )
 
 
 # Config entries that name or describe a model without changing what it computes.
@@ -161,43 +255,6 @@ def resolve_precision(precision: str, source: str) -> str:
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(f"{source}: training.precision fp16 needs a GPU (use auto or fp32)")
     return precision
-
-
-def lora_config(config: RecipeConfig, model: torch.nn.Module):
-    """PEFT's LoraConfig for `model.lora`, once every target module names modules of this model.
-
-    PEFT only fails when no target matches anything, with a long traceback, and only after the run directory exists;
-    a target that matches nothing, beside others that do, it would skip with a warning.
-    """
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from transformers.pytorch_utils import Conv1D
-
-    lora = config.model.lora
-    names = [name for name, _ in model.named_modules()]
-    unmatched = [
-        target for target in lora.target_modules
-        if not any(check_target_module_exists(LoraConfig(target_modules=[target]), name) for name in names)
-    ]
-    if unmatched:
-        head = model.get_output_embeddings()
-        linear = dict.fromkeys(
-            name.split(".")[-1] for name, module in model.named_modules()
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
-        )
-        raise ConfigError(
-            f"{config.origin('model.lora.target_modules')}: model.lora.target_modules {', '.join(unmatched)} "
-            f"match{'es' if len(unmatched) == 1 else ''} no module of this model; its linear layers are "
-            f"{', '.join(linear)}"
-        )
-    # GPT-2 stores its projections transposed (Conv1D); PEFT must know, or it warns and flips the flag itself.
-    transposed = any(
-        isinstance(module, Conv1D) for name, module in model.named_modules() if name.split(".")[-1] in lora.target_modules
-    )
-    return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        fan_in_fan_out=transposed, task_type="CAUSAL_LM",
-    )
 
 
 def restore_adapter_dropout(model: torch.nn.Module) -> None:

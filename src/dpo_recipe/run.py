@@ -4,6 +4,7 @@ epoch checkpoints, with the session recorded and the plots drawn (`run_training`
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import shlex
@@ -28,11 +29,11 @@ from .callbacks import (
     StepEvaluation,
     early_stop_line,
 )
-from .config import ConfigError, RecipeConfig, check_loss_import
+from .config import OPTIMIZERS, ConfigError, RecipeConfig, check_loss_import
 from .curves import plot_run
 from .data import load_run_data, prepare_data
 from .loss import resolve_loss
-from .models import build_model, lora_config, resolve_precision
+from .models import build_model, peft_config_for, resolve_precision
 from .packing import device_default, epoch_padding, forward_batch_size, make_collator, on_gpu
 from .rundir import (
     BEST_FILE,
@@ -75,6 +76,21 @@ CHECKPOINTING_ARGUMENT = (
 )
 
 
+def optimizer_name(config: RecipeConfig) -> str:
+    """transformers' name for `training.optim`, once the package it needs is known to be installed."""
+    name = config.training.optim
+    if name is None:
+        # Fused AdamW needs the optimizer's tensors on an accelerator to pay off; plain AdamW elsewhere.
+        return "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+    package = OPTIMIZERS[name]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"{config.origin('training.optim')}: training.optim {name} needs {package}, which is not installed: "
+            f"pip install -e \".[qlora]\""
+        )
+    return name
+
+
 def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOConfig:
     micro, accumulation = batch_plan(config, world_size)
     training = config.training
@@ -91,15 +107,19 @@ def dpo_arguments(config: RecipeConfig, world_size: int, precision: str) -> DPOC
         gradient_accumulation_steps=accumulation,
         per_device_eval_batch_size=forward_batch,
         lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio,
+        lr_scheduler_kwargs=training.lr_scheduler_kwargs or {},
+        # transformers reads a warmup_steps below 1 as a ratio of the run's steps.
+        warmup_steps=training.warmup_steps or training.warmup_ratio,
         weight_decay=training.weight_decay,
         max_grad_norm=training.max_grad_norm,
         seed=training.seed,
         data_seed=training.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        # Fused AdamW needs the optimizer's tensors on an accelerator to pay off; plain AdamW elsewhere.
-        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        optim=optimizer_name(config),
+        adam_beta1=training.adam_beta1,
+        adam_beta2=training.adam_beta2,
+        adam_epsilon=training.adam_epsilon,
         use_cpu=not torch.cuda.is_available(),
         # On a GPU, batches are copied from pinned memory without making the host wait for the copy.
         dataloader_pin_memory=on_gpu(),
@@ -210,7 +230,8 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     tokenizer, splits, report = load_run_data(config, tokenizer_source, state.main_process_first)
     data = prepare_data(splits, tokenizer, config.data, report)
     model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
-    peft_config = lora_config(config, model) if config.model.lora is not None else None  # before the run directory
+    lora = config.model.lora  # checked before the run directory is made
+    peft_config = None if lora is None else peft_config_for(model, lora, config.origin("model.lora.target_modules"))
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         data.write(run_dir)
@@ -278,7 +299,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         print(
             f"batch: {state.num_processes} process(es) x micro-batch {micro} x accumulation {accumulation} = "
             f"effective batch {config.training.effective_batch_size}; precision {precision}; "
-            f"{parallelism(trainer.accelerator)}; {compile_plan(trainer)}",
+            f"{parallelism(trainer.accelerator)}; {weights_line(trainer.model)}; {compile_plan(trainer)}",
             flush=True,
         )
         print(batching_line(trainer), flush=True)
@@ -294,6 +315,15 @@ def compile_plan(trainer: RecipeDPOTrainer) -> str:
     plugin = trainer.accelerator.state.dynamo_plugin
     shapes = "dynamic shapes" if plugin.dynamic else "static shapes" if plugin.dynamic is False else "automatic shapes"
     return f"model compiled: yes (torch.compile, {plugin.backend.value.lower()}, mode {plugin.mode}, {shapes})"
+
+
+def weights_line(model: torch.nn.Module) -> str:
+    """The dtype the trainable weights are held and updated in: what a bf16 load means for memory and precision."""
+    dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    if dtype == torch.float32:
+        return "weights fp32"
+    return f"weights {name}: master weights, gradients and optimizer state are {name} too (no fp32 copy)"
 
 
 def batching_line(trainer: RecipeDPOTrainer) -> str:
