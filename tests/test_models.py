@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import ConfigError, ModelConfig
-from dpo_recipe.rundir import epoch_dirs
+from dpo_recipe.evaluate import dataset_name
+from dpo_recipe.rundir import epoch_dirs, eval_file_name
 from dpo_recipe.run import prepare_run
 from dpo_recipe.synthetic import synthetic_rows
 
@@ -247,7 +248,7 @@ def test_qlora_trains_an_adapter_on_a_4bit_base_then_merges_and_evaluates(smoke_
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(row) + "\n" for row in synthetic_rows("test", 8)))
     assert main(["eval", str(merged_dir), "--reference", str(tiny_llama_dir), "--data", str(pairs)]) == 0
-    assert json.loads((merged_dir / "eval_pairs.json").read_text())["pairs"] == 8
+    assert json.loads((merged_dir / eval_file_name(dataset_name(str(pairs)))).read_text())["pairs"] == 8
 
 
 def test_8bit_quantization_loads_int8_layers(tiny_llama_dir, tokenizer):
