@@ -8,7 +8,7 @@ would run them. The files a user brings are stood in for by the test: `my_pairs.
 tiny Llama with a chat template at the README's path of SmolLM2. Each command runs one of these ways (`plan`):
 
 - as written: everything offline that takes seconds;
-- at smoke size: a study config on a local model and file runs as written plus `--set training.max_steps=2`;
+- at smoke size: a study config on a local model and file runs as written plus SMOKE_SIZE;
 - config only: training that would download gpt2 and Anthropic/hh-rlhf, or launch on GPUs, runs with
   `--print-config` (every key, value and --set checked, nothing loaded), and its launch config must exist;
 - `make -n`: every make command expands (its target exists, its variables resolve); the ones in MAKE_RUNS also run.
@@ -50,7 +50,10 @@ NOT_RUN = {
 # `test` is this suite, `train`, `sweep` and `eval` of checkpoints/beta0.3 need the study's downloads and hours of
 # training, `sweep-smoke` trains three smoke runs (minutes), `docker` needs a Docker daemon.
 MAKE_RUNS = {"make install smoke": "make smoke", "make eval": "make eval"}
-SMOKE_SIZE = ["--set", "training.max_steps=2"]
+# The study's size on a local model and file: all its pairs are read, split and tokenized (so they must fit the
+# file), but rows are cut to 64 tokens (the shared-prompt collator's masks grow with the square of the length) and
+# training stops after 2 steps.
+SMOKE_SIZE = ["--set", "data.max_length=64", "--set", "training.max_steps=2"]
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
