@@ -15,7 +15,7 @@ ARGS ?=
 # continues instead.
 DEMO_START = $(if $(filter --resume,$(ARGS)),,--overwrite)
 
-.PHONY: install test smoke train eval sweep sweep-smoke bench docker
+.PHONY: install test smoke train eval sweep sweep-smoke bench bench-memory docker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,3 +69,8 @@ DOCKER_IMAGE ?= dpo-recipe
 BASE_IMAGE ?=
 docker:
 	docker build -t $(DOCKER_IMAGE) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
+
+# Memory per setting (full fp32/bf16 weights, LoRA, QLoRA): measured on tiny Llamas on this CPU, counted on fake
+# tensors at 0.5B-8B shapes; replaces its own section of benchmarks/results.md. Runs are cached in benchmarks/.memory_runs.
+bench-memory:
+	$(BIN)/python scripts/bench_memory.py $(ARGS)

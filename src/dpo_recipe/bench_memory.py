@@ -140,6 +140,23 @@ def quantization_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def quantization_storage(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the quantized layers: `per_weight` grows with their weights (the packed 4-bit codes, one 8-bit
+    constant per block of 64, one fp32 constant per 256 of those), `per_layer` does not (each layer's lookup tables)."""
+    per_weight, per_layer, layers = {}, {}, 0
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        if state is None:
+            continue
+        layers += 1
+        per_weight |= _storages([parameter])
+        while state is not None:
+            per_weight |= _storages([state.absmax])
+            per_layer |= _storages([state.code, getattr(state, "offset", None)])
+            state = getattr(state, "state2", None)
+    return {"per_weight": sum(per_weight.values()), "per_layer": sum(per_layer.values()), "layers": layers}
+
+
 def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers(), *quantization_tensors(model)]
 
@@ -181,14 +198,15 @@ def emulate_kbit_preparation(model: torch.nn.Module) -> None:
             parameter.data = parameter.data.float()
 
 
-def quantized_linear_elements(shape: dict) -> int:
-    """Weights of the linear layers a 4-bit load quantizes: every nn.Linear but the output head."""
+def quantized_linears(shape: dict) -> tuple[int, int]:
+    """(weights, layers) of the linear layers a 4-bit load quantizes: every nn.Linear but the output head."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config(shape))
     head = model.get_output_embeddings()
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return sum(m.weight.numel() for m in linears), len(linears)
 
 
 def save_tiny_model(shape_name: str, directory: Path, seed: int = 0) -> Path:
@@ -276,6 +294,28 @@ def training_step(model, optimizer, batch: dict, autocast: bool) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def gpu_head_kernels(enabled: bool):
+    """On fake tensors, count the LM head as TRL's chunked kernel runs on a GPU: its Triton folds and the fp32
+    `addmm(out_dtype=...)` write into buffers allocated beforehand, where the CPU fallback (`_forward_tile`,
+    `_backward_tile`, `_addmm_fp32` upcasting both operands) allocates tile- and chunk-sized temporaries. Fake
+    tensors hold no values, so leaving those calls out changes only the count of what they would allocate."""
+    if not enabled:
+        yield
+        return
+    from trl.kernels import chunked_logprob
+
+    names = ("_forward_tile", "_backward_tile", "_addmm_fp32")
+    saved = {name: getattr(chunked_logprob, name) for name in names}
+    for name in names:
+        setattr(chunked_logprob, name, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(chunked_logprob, name, function)
+
+
 def prepare_for_training(model: torch.nn.Module, checkpointing: bool) -> None:
     model.train()
     if checkpointing:  # as Trainer does for `gradient_checkpointing: true` (transformers' default: non-reentrant)
@@ -291,9 +331,11 @@ class _NoHook:
 
 
 def tracked_step(model, optimizer, batch: dict, autocast: bool) -> dict[str, int]:
-    """Peak memory of one steady-state step (optimizer state already allocated), by kind, as torch's MemTracker saw
-    it: weights (parameters, buffers, quantization constants), optimizer state, gradients and activations with the
-    backward's temporaries, at the moment the total peaked."""
+    """Peak memory of the forward and backward of one steady-state step (optimizer state already allocated), by kind,
+    as torch's MemTracker saw it: weights (parameters, buffers, quantization constants), optimizer state, gradients
+    so far, and activations with the backward's temporaries, at the moment the total peaked. The optimizer step then
+    runs untracked: it holds weights, every gradient and the optimizer state (`state_bytes`), and the fused and
+    per-tensor AdamW add no full-size temporaries."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     tracker = MemTracker()
@@ -303,8 +345,16 @@ def tracked_step(model, optimizer, batch: dict, autocast: bool) -> dict[str, int
     for parameter in model.parameters():
         if not parameter.requires_grad:
             tracker._param_to_grad_hook_handles[parameter] = (no_hook, no_hook)
+    loss_fn = resolve_loss("sigmoid")
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with tracker:
-        training_step(model, optimizer, batch, autocast)
+        with context:
+            chosen, rejected = pair_logps(model, batch)
+            loss = loss_fn(chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], 0.1)[0].mean()
+        loss.backward()
+        del chosen, rejected, loss
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     return {
         "peak": peak["Total"],
@@ -313,6 +363,14 @@ def tracked_step(model, optimizer, batch: dict, autocast: bool) -> dict[str, int
         "gradients": peak["Gradient"],
         "activations": peak["Activation"] + peak["Temp"],
     }
+
+
+def step_peak(run: dict) -> tuple[int, int]:
+    """(peak of the whole step, the activations held at that moment): the larger of the forward/backward peak and
+    the optimizer step's weights + gradients + optimizer state."""
+    tracked, state = run["tracked"], run["state"]
+    at_step = state["weights"] + state["gradients"] + state["optimizer"]
+    return (tracked["peak"], tracked["activations"]) if tracked["peak"] >= at_step else (at_step, 0)
 
 
 def _rss_bytes(field: str) -> int:
@@ -334,19 +392,23 @@ def rss_step(model, optimizer, batch: dict, autocast: bool) -> int | None:
 
 
 def measure(setting: Setting, shape_name: str, batch: Batch, checkpointing: bool, autocast: bool, optim: str,
-            fake: bool, model_dir: Path | None = None) -> dict:
-    """One setting on one shape: persistent state after a first step, then the tracked peak of a second one (and on
-    real tensors, before it, the resident-memory peak of another)."""
+            fake: bool, model_dir: Path | None = None, layers: int | None = None) -> dict:
+    """One setting on one shape (`layers` deep, fake tensors only, else the shape's own depth): persistent state after
+    a first step, then the tracked peak of a second one (and on real tensors, before it, the resident-memory peak of
+    another)."""
     shape = {**TINY_SHAPES, **REAL_SHAPES}[shape_name]
+    if layers is not None:
+        shape = {**shape, "num_hidden_layers": layers}
     mode = contextlib.nullcontext()
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = build_fake_model(setting, shape, mode) if fake else build_measured_model(setting, model_dir)
+    gpu = fake and autocast  # the real-shape count, of the recipe as it runs on a GPU
     torch.manual_seed(0)
     inputs = make_batch(batch, shape["vocab_size"])  # real tensors: the collator finds scored positions on the host
-    with mode:
+    with mode, gpu_head_kernels(gpu):
         prepare_for_training(model, checkpointing)
         optimizer = optimizer_for(model, optim)
         loss_fn = resolve_loss("sigmoid")
@@ -359,9 +421,11 @@ def measure(setting: Setting, shape_name: str, batch: Batch, checkpointing: bool
         state = state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
         result = {
-            "setting": setting.name, "shape": shape_name, "checkpointing": checkpointing, "autocast": autocast,
+            "setting": setting.name, "shape": shape_name, "layers": shape["num_hidden_layers"],
+            "checkpointing": checkpointing, "autocast": autocast,
             "fake": fake, "optim": optim, "parameters": parameter_count(shape),
-            "quantized_linear": quantized_linear_elements(shape),
+            "quantized_linear": quantized_linears(shape)[0], "quantized_layers": quantized_linears(shape)[1],
+            "quantization": None if fake else quantization_storage(model),
             "state": state,
             "rss_step": None if fake else rss_step(model, optimizer, inputs, autocast),
             "tracked": tracked_step(model, optimizer, inputs, autocast),
@@ -392,17 +456,21 @@ MEASURED_BATCH = Batch(pairs=4)  # 8 rows of 256: a step of the larger tiny mode
 TABLE_BATCH = Batch(pairs=16)  # 32 rows of 256, the README's micro-batch
 TABLE_SETTINGS = ("full_fp32", "full_bf16", "lora_bf16", "qlora")
 RESULTS_HEADING = "## Memory per setting (issue 21)"
+DEPTHS = (2, 3)  # real shapes are counted at these depths and extended to their own (`at_depth`)
+DEPTH_CHECKS = (("1B", "full_bf16", False), ("1B", "qlora", True))  # also counted at full depth, to check that
 
 
-def run_key(setting: str, shape: str, checkpointing: bool, fake: bool, batch: Batch, autocast: bool, optim: str) -> str:
-    return (f"{'counted' if fake else 'measured'}-{shape}-{setting}-gc{int(checkpointing)}-ac{int(autocast)}-{optim}"
+def run_key(setting: str, shape: str, checkpointing: bool, fake: bool, batch: Batch, autocast: bool, optim: str,
+            layers: int | None = None) -> str:
+    depth = "" if layers is None else f"-L{layers}"
+    return (f"{'counted' if fake else 'measured'}-{shape}{depth}-{setting}-gc{int(checkpointing)}-ac{int(autocast)}-{optim}"
             f"-{batch.pairs}x{batch.prompt}+{batch.response}{'s' if batch.share_prompt else ''}")
 
 
 def cached_run(cache: Path, fresh: bool, **kwargs) -> dict:
     """One `measure`, real-tensor runs in a fresh process, kept as JSON under `cache` so a rerun skips it."""
     key = run_key(kwargs["setting"].name, kwargs["shape_name"], kwargs["checkpointing"], kwargs["fake"],
-                  kwargs["batch"], kwargs["autocast"], kwargs["optim"])
+                  kwargs["batch"], kwargs["autocast"], kwargs["optim"], kwargs.get("layers"))
     path = cache / f"{key}.json"
     if path.is_file() and not fresh:
         return json.loads(path.read_text())
@@ -413,15 +481,34 @@ def cached_run(cache: Path, fresh: bool, **kwargs) -> dict:
     return result
 
 
-def qlora_storage_per_weight(measured: dict, counted: dict) -> float:
-    """Bytes per quantized weight (4-bit storage and its constants), from a real QLoRA load against its fake
-    emulation, which holds those weights in bf16 and everything else as the real load does."""
-    return (measured["state"]["weights"] - counted["state"]["weights"]) / measured["quantized_linear"] + 2.0
+def at_depth(shallow: dict, deeper: dict, layers: int) -> dict:
+    """A run's figures at `layers` decoder layers from runs at two depths: every count (state, the forward/backward
+    peak and its parts) is linear in the number of identical layers, since the peak falls at the same point of the
+    step (checked against full-depth counts and measurements in the results)."""
+    step = deeper["layers"] - shallow["layers"]
+
+    def line(a, b):
+        if isinstance(a, dict):
+            return {key: line(a[key], b[key]) for key in a}
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            return a
+        return round(a + (b - a) * (layers - shallow["layers"]) / step)
+
+    run = line(shallow, deeper)
+    run["layers"] = layers
+    return run
 
 
-def with_quantized_storage(run: dict, bytes_per_weight: float) -> dict:
-    """A counted QLoRA run with its quantized linear weights charged at `bytes_per_weight` instead of bf16."""
-    saving = round(run["quantized_linear"] * (2.0 - bytes_per_weight))
+def quantized_storage(measured: dict) -> tuple[float, float]:
+    """(bytes per quantized weight, bytes per quantized layer) of a real QLoRA load."""
+    storage = measured["quantization"]
+    return storage["per_weight"] / measured["quantized_linear"], storage["per_layer"] / storage["layers"]
+
+
+def with_quantized_storage(run: dict, storage: tuple[float, float]) -> dict:
+    """A fake-tensor QLoRA run with its quantized linear weights charged as `storage` says instead of as bf16."""
+    per_weight, per_layer = storage
+    saving = round(run["quantized_linear"] * (2.0 - per_weight) - run["quantized_layers"] * per_layer)
     run = json.loads(json.dumps(run))
     run["state"]["weights"] -= saving
     run["tracked"]["weights"] -= saving
@@ -444,41 +531,64 @@ class MemorySettings:
     cuda_overhead_gib: float = 1.5
 
 
-def measured_runs(settings: MemorySettings, model_dir: Path) -> list[tuple[dict, dict]]:
-    """(measured, counted) pairs: every setting on every tiny shape, real tensors against fake, CPU defaults (fp32
+def measured_runs(settings: MemorySettings, model_dir: Path) -> list[tuple[dict, dict, dict]]:
+    """(measured, counted, counted at `DEPTHS` layers and extended to the model's) for every setting on every tiny shape, real tensors against fake, CPU defaults (fp32
     autocast off, `adamw_torch`); full fp32 with gradient checkpointing as well."""
     pairs = []
     for shape in settings.tiny_shapes:
         path = save_tiny_model(shape, model_dir)
-        for name, checkpointing in [*((name, False) for name in settings.settings), ("full_fp32", True)]:
+        checkpointed = [("full_fp32", True)] if "full_fp32" in settings.settings else []
+        for name, checkpointing in [*((name, False) for name in settings.settings), *checkpointed]:
             common = dict(setting=SETTINGS[name], shape_name=shape, batch=settings.measured_batch,
                           checkpointing=checkpointing, autocast=False, optim="adamw_torch")
-            pairs.append((
-                cached_run(Path(settings.cache), settings.fresh, fake=False, model_dir=path, **common),
-                cached_run(Path(settings.cache), settings.fresh, fake=True, **common),
-            ))
+            measured = cached_run(Path(settings.cache), settings.fresh, fake=False, model_dir=path, **common)
+            counted = cached_run(Path(settings.cache), settings.fresh, fake=True, **common)
+            extended = at_depth(*(cached_run(Path(settings.cache), settings.fresh, fake=True, layers=layers, **common)
+                                  for layers in DEPTHS), TINY_SHAPES[shape]["num_hidden_layers"])
+            pairs.append((measured, counted, extended))
     return pairs
 
 
-def counted_runs(settings: MemorySettings, bytes_per_quantized_weight: float) -> dict[tuple[str, str, bool], dict]:
+def depth_checks(settings: MemorySettings) -> list[str]:
+    """Full-depth counts of a real shape against the same extended from `DEPTHS` (how the table is made)."""
+    lines = []
+    for shape, name, checkpointing in DEPTH_CHECKS:
+        if shape not in settings.real_shapes or name not in settings.settings:
+            continue
+        common = dict(setting=SETTINGS[name], shape_name=shape, batch=settings.table_batch,
+                      checkpointing=checkpointing, autocast=True, optim="adamw_torch_fused", fake=True)
+        full = cached_run(Path(settings.cache), settings.fresh, **common)
+        extended = at_depth(*(cached_run(Path(settings.cache), settings.fresh, layers=layers, **common)
+                              for layers in DEPTHS), REAL_SHAPES[shape]["num_hidden_layers"])
+        (a, _), (b, _) = step_peak(full), step_peak(extended)
+        lines.append(f"{shape} {name}, checkpointing {'on' if checkpointing else 'off'}: {_gib(a)} GiB counted at "
+                     f"full depth, {_gib(b)} GiB extended from {DEPTHS[0]} and {DEPTHS[1]} layers ({b / a - 1:+.2%})")
+    return lines
+
+
+def counted_runs(settings: MemorySettings, storage: tuple[float, float] | None) -> dict[tuple[str, str, bool], dict]:
     """Each table setting on each real shape, with and without gradient checkpointing, as the recipe runs on a GPU:
     bf16 autocast (`training.precision: auto`), fused AdamW (`training.optim: null`)."""
     runs = {}
     for shape in settings.real_shapes:
-        for name in table_settings(settings, bytes_per_quantized_weight):
+        for name in table_settings(settings, storage):
             for checkpointing in (False, True):
-                run = cached_run(Path(settings.cache), settings.fresh, setting=SETTINGS[name], shape_name=shape,
-                                 batch=settings.table_batch, checkpointing=checkpointing, autocast=True,
-                                 optim="adamw_torch_fused", fake=True)
+                shallow, deeper = (
+                    cached_run(Path(settings.cache), settings.fresh, setting=SETTINGS[name], shape_name=shape,
+                               batch=settings.table_batch, checkpointing=checkpointing, autocast=True,
+                               optim="adamw_torch_fused", fake=True, layers=layers)
+                    for layers in DEPTHS
+                )
+                run = at_depth(shallow, deeper, REAL_SHAPES[shape]["num_hidden_layers"])
                 if SETTINGS[name].quantized:
-                    run = with_quantized_storage(run, bytes_per_quantized_weight)
+                    run = with_quantized_storage(run, storage)
                 runs[shape, name, checkpointing] = run
     return runs
 
 
-def table_settings(settings: MemorySettings, bytes_per_quantized_weight: float | None) -> list[str]:
+def table_settings(settings: MemorySettings, storage: tuple[float, float] | None) -> list[str]:
     """The table's settings among those asked for; QLoRA only with its storage measured."""
-    return [n for n in TABLE_SETTINGS if n in settings.settings and (n != "qlora" or bytes_per_quantized_weight)]
+    return [n for n in TABLE_SETTINGS if n in settings.settings and (n != "qlora" or storage)]
 
 
 def _gib(n: float) -> str:
@@ -496,22 +606,23 @@ def state_line(run: dict) -> str:
             f"**{total / n:.2f}**")
 
 
-def measured_table(pairs: list[tuple[dict, dict]]) -> list[str]:
+def measured_table(pairs: list[tuple[dict, dict, dict]]) -> list[str]:
     lines = [
-        "| model | setting | checkpointing | weights | gradients | optimizer | **state, bytes/param** | trainable | "
-        "step peak, measured (MiB) | counted on fake tensors | difference | step's RSS growth / tracked growth |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | setting | checkpointing | weights | gradients | optimizer | **state, bytes/param** | trainable weights | "
+        "step peak, measured (MiB) | counted on fake tensors | difference | counted at 2 and 3 layers, extended | "
+        "difference | step's RSS growth / tracked growth |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for measured, counted in pairs:
-        tracked = measured["tracked"]
-        growth = tracked["peak"] - tracked["weights"] - tracked["optimizer"]  # what the step allocates on top
+    for measured, counted, extended in pairs:
+        peak, counted_peak, extended_peak = (step_peak(run)[0] for run in (measured, counted, extended))
+        growth = peak - measured["state"]["weights"] - measured["state"]["optimizer"]  # what the step adds
         rss = "-" if measured["rss_step"] is None else f"{measured['rss_step'] / growth:.2f}"
-        error = counted["tracked"]["peak"] / tracked["peak"] - 1
+        error = counted_peak / peak - 1
         lines.append(
             f"| {measured['shape']} ({measured['parameters'] / 1e6:.1f}M) | {measured['setting']} | "
             f"{'on' if measured['checkpointing'] else 'off'} | {state_line(measured)} | "
-            f"{measured['state']['trainable'] / measured['parameters']:.2f} | {_mib(tracked['peak'])} | "
-            f"{_mib(counted['tracked']['peak'])} | {error:+.1%} | {rss} |"
+            f"{measured['state']['trainable'] / measured['parameters']:.2f} | {_mib(peak)} | "
+            f"{_mib(counted_peak)} | {error:+.1%} | {_mib(extended_peak)} | {extended_peak / peak - 1:+.1%} | {rss} |"
         )
     return lines
 
@@ -532,8 +643,8 @@ def table_rows(runs: dict, settings: MemorySettings) -> list[str]:
             persistent = plain["state"]["weights"] + plain["state"]["optimizer"]
             cells = []
             for run in (plain, checkpointed):
-                peak = run["tracked"]["peak"]
-                cells += [f"**{_gib(peak)}**", f"{run['tracked']['activations'] / peak:.0%}", fits(peak, settings.cuda_overhead_gib)]
+                peak, activations = step_peak(run)
+                cells += [f"**{_gib(peak)}**", f"{activations / peak:.0%}", fits(peak, settings.cuda_overhead_gib)]
             lines.append(f"| {shape} ({plain['parameters'] / 1e9:.2f}B) | {SETTINGS[name].label} | {_gib(persistent)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -558,17 +669,23 @@ def run_memory_benchmark(settings: MemorySettings, machine: dict[str, str]) -> l
     """Measure, count, and return (and write into `settings.output`) the results section."""
     with tempfile.TemporaryDirectory() as scratch:
         pairs = measured_runs(settings, Path(scratch))
-    qlora = [(m, c) for m, c in pairs if m["setting"] == "qlora" and not m["checkpointing"]]
-    per_weight = {m["shape"]: qlora_storage_per_weight(m, c) for m, c in qlora}
-    largest = qlora[-1][0]["shape"] if qlora else None
-    runs = counted_runs(settings, per_weight.get(largest))
-    check = ""
-    if len(qlora) > 1:  # the smaller tiny model's figure predicting the larger one's QLoRA weights
-        (small, _), (big, big_counted) = qlora[0], qlora[-1]
-        predicted = with_quantized_storage(big_counted, per_weight[small["shape"]])["state"]["weights"]
-        check = (f" Charged at {small['shape']}'s {per_weight[small['shape']]:.4f} bytes per quantized weight, "
-                 f"{big['shape']}'s QLoRA weights come out at {_mib(predicted)} MiB against "
-                 f"{_mib(big['state']['weights'])} MiB measured ({predicted / big['state']['weights'] - 1:+.2%}).")
+    qlora = [m for m, _, _ in pairs if m["setting"] == "qlora"]
+    storage = {m["shape"]: quantized_storage(m) for m in qlora}
+    largest = qlora[-1]["shape"] if qlora else None
+    pairs = [(m, *(with_quantized_storage(run, storage[m["shape"]]) for run in rest)) if m["setting"] == "qlora"
+             else (m, *rest) for m, *rest in pairs]
+    runs = counted_runs(settings, storage.get(largest))
+    storage_line = ""
+    if qlora:
+        per_weight, per_layer = storage[largest]
+        storage_line = (f"QLoRA storage, measured on {largest}: {per_weight:.4f} bytes per quantized weight (4-bit codes, "
+                        f"an 8-bit constant per block of 64, an fp32 constant per 256 of those) and {per_layer:,.0f} "
+                        "bytes per quantized layer (lookup tables); fake-tensor QLoRA runs (counted columns above, "
+                        "table below) are charged that instead of bf16.")
+        if len(storage) > 1:
+            small = qlora[0]["shape"]
+            storage_line += (f" {small} gives {storage[small][0]:.4f} bytes per weight and {storage[small][1]:,.0f} "
+                             "per layer.")
     overhead = settings.cuda_overhead_gib
     body = [
         f"Command: `{settings.command}`",
@@ -592,16 +709,19 @@ def run_memory_benchmark(settings: MemorySettings, machine: dict[str, str]) -> l
         "",
         *measured_table(pairs),
         "",
-        *([f"QLoRA storage: {per_weight[largest]:.4f} bytes per quantized weight on {largest} (4-bit codes, 8-bit "
-           f"block constants, their fp32 second-level constants and per-layer lookup tables).{check}", ""] if qlora else []),
+        *([storage_line, ""] if qlora else []),
         "**Counted** (real shapes on fake tensors, the table below): the configs of Qwen2.5-0.5B, Llama-3.2-1B, "
         "Llama-3.2-3B and Llama-3.1-8B (hidden size, layers, heads, KV heads, MLP size, vocabulary, tied embeddings: "
         "`REAL_SHAPES` in `bench_memory.py`) built on fake tensors (`FakeTensorMode`: shapes and dtypes, no storage) "
         "and run through the same step under the same `MemTracker`, as the recipe runs on a GPU: bf16 autocast "
         "(`training.precision: auto`), fused AdamW (`training.optim: null`), separate chosen/rejected rows (the GPU "
-        f"default), {settings.table_batch.describe()}. Fake tensors cannot be quantized, so QLoRA is the fake run of a "
+        f"default), {settings.table_batch.describe()}; the LM head as TRL's chunked kernel runs there (Triton folds "
+        "writing into its preallocated tile; the CPU fallback's tile-sized temporaries are left out), its fp32 "
+        "gradient accumulators included. Each shape is counted at 2 and 3 decoder layers and extended linearly to its "
+        "own depth (every count is linear in the number of identical layers); the tiny table's extended column and "
+        "the full-depth checks below show how close that is. Fake tensors cannot be quantized, so QLoRA is the fake run of a "
         "bf16 base with `prepare_model_for_kbit_training`'s fp32 embeddings, head and norms and bf16 adapters, its "
-        f"linear weights then charged at the bytes per weight measured above. The tiny table "
+        "linear weights then charged at the storage measured above. The tiny table "
         "shows how far such a count is from the real run. Activations' share: activations and backward temporaries "
         "(`MemTracker`'s Activation + Temp) at the moment of the peak. Fits: peak plus an assumed "
         f"{overhead} GiB (CUDA context, cuBLAS and attention workspaces, allocator slack: not measured here) within "
@@ -609,6 +729,8 @@ def run_memory_benchmark(settings: MemorySettings, machine: dict[str, str]) -> l
         "",
         *(table_rows(runs, settings) if runs else ["(no real shapes counted in this run)"]),
         "",
+        *(["Depth extension checked against full-depth counts: " + "; ".join(depth_checks(settings)) + ".", ""]
+          if depth_checks(settings) else []),
         "No reference model is held: the recipe caches reference log-probs before training. Plain `trl.DPOTrainer` "
         "with its defaults keeps a second copy of the weights for the reference (full fine-tune; with LoRA it runs "
         "the base with the adapter off, no copy), which adds 2 bytes per parameter in bf16 and 4 in fp32 to every "
