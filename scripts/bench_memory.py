@@ -23,11 +23,12 @@ def main() -> int:
     parser.add_argument("--cache", default=defaults.cache, help="each run's JSON, reused by the next invocation")
     parser.add_argument("--fresh", action="store_true", help="redo every run instead of reusing the cache")
     parser.add_argument("--output", default=defaults.output, help="markdown file whose memory section is replaced")
+    parser.add_argument("--note", help="a line for the results, e.g. how loaded the machine was")
     args = parser.parse_args()
     settings = MemorySettings(
         tiny_shapes=tuple(args.tiny), real_shapes=tuple(args.real), settings=tuple(args.settings),
         measured_batch=Batch(pairs=args.pairs, prompt=args.prompt, response=args.response), cache=args.cache, fresh=args.fresh,
-        output=args.output or None, command=shlex.join(["python", "scripts/bench_memory.py", *sys.argv[1:]]),
+        output=args.output or None, note=args.note, command=shlex.join(["python", "scripts/bench_memory.py", *sys.argv[1:]]),
     )
     print("\n".join(run_memory_benchmark(settings, machine_description())))
     return 0

@@ -527,6 +527,7 @@ class MemorySettings:
     fresh: bool = False
     output: str | None = "benchmarks/results.md"
     command: str = "python scripts/bench_memory.py"
+    note: str | None = None  # how loaded the machine was, for the results
     # Assumed, not measured: CUDA context, cuBLAS/attention workspaces and caching-allocator slack on a GPU.
     cuda_overhead_gib: float = 1.5
 
@@ -549,17 +550,19 @@ def measured_runs(settings: MemorySettings, model_dir: Path) -> list[tuple[dict,
     return pairs
 
 
-def depth_checks(settings: MemorySettings) -> list[str]:
+def depth_checks(settings: MemorySettings, storage: tuple[float, float] | None) -> list[str]:
     """Full-depth counts of a real shape against the same extended from `DEPTHS` (how the table is made)."""
     lines = []
     for shape, name, checkpointing in DEPTH_CHECKS:
-        if shape not in settings.real_shapes or name not in settings.settings:
+        if shape not in settings.real_shapes or name not in table_settings(settings, storage):
             continue
         common = dict(setting=SETTINGS[name], shape_name=shape, batch=settings.table_batch,
                       checkpointing=checkpointing, autocast=True, optim="adamw_torch_fused", fake=True)
         full = cached_run(Path(settings.cache), settings.fresh, **common)
         extended = at_depth(*(cached_run(Path(settings.cache), settings.fresh, layers=layers, **common)
                               for layers in DEPTHS), REAL_SHAPES[shape]["num_hidden_layers"])
+        if SETTINGS[name].quantized:
+            full, extended = (with_quantized_storage(run, storage) for run in (full, extended))
         (a, _), (b, _) = step_peak(full), step_peak(extended)
         lines.append(f"{shape} {name}, checkpointing {'on' if checkpointing else 'off'}: {_gib(a)} GiB counted at "
                      f"full depth, {_gib(b)} GiB extended from {DEPTHS[0]} and {DEPTHS[1]} layers ({b / a - 1:+.2%})")
@@ -675,6 +678,7 @@ def run_memory_benchmark(settings: MemorySettings, machine: dict[str, str]) -> l
     pairs = [(m, *(with_quantized_storage(run, storage[m["shape"]]) for run in rest)) if m["setting"] == "qlora"
              else (m, *rest) for m, *rest in pairs]
     runs = counted_runs(settings, storage.get(largest))
+    checks = depth_checks(settings, storage.get(largest))
     storage_line = ""
     if qlora:
         per_weight, per_layer = storage[largest]
@@ -692,6 +696,7 @@ def run_memory_benchmark(settings: MemorySettings, machine: dict[str, str]) -> l
         "",
         "Hardware and software: " + "; ".join(f"{key}: {value}" for key, value in machine.items()),
         "",
+        *([settings.note, ""] if settings.note else []),
         "**Measured** (tiny Llama models from `LlamaConfig`, this CPU, real tensors; `dpo_recipe.bench_memory`): each "
         "setting loaded through the recipe's own path (`build_model` from a saved model directory with `model.dtype`, "
         "bitsandbytes 4-bit NF4 with double quantization and `prepare_model_for_kbit_training` for QLoRA, "
@@ -723,14 +728,16 @@ def run_memory_benchmark(settings: MemorySettings, machine: dict[str, str]) -> l
         "bf16 base with `prepare_model_for_kbit_training`'s fp32 embeddings, head and norms and bf16 adapters, its "
         "linear weights then charged at the storage measured above. The tiny table "
         "shows how far such a count is from the real run. Activations' share: activations and backward temporaries "
-        "(`MemTracker`'s Activation + Temp) at the moment of the peak. Fits: peak plus an assumed "
+        "(`MemTracker`'s Activation + Temp) at the moment of the peak; 0% where the peak is the optimizer step, "
+        "which holds every gradient at once. LoRA's adapter dropout (0.05) keeps a dropped copy of each adapted "
+        "layer's input for the backward, which is why LoRA without checkpointing can hold more activations than a "
+        "full fine-tune. Fits: peak plus an assumed "
         f"{overhead} GiB (CUDA context, cuBLAS and attention workspaces, allocator slack: not measured here) within "
         "24, 48, 80 GiB.",
         "",
         *(table_rows(runs, settings) if runs else ["(no real shapes counted in this run)"]),
         "",
-        *(["Depth extension checked against full-depth counts: " + "; ".join(depth_checks(settings)) + ".", ""]
-          if depth_checks(settings) else []),
+        *(["Depth extension checked against full-depth counts: " + "; ".join(checks) + ".", ""] if checks else []),
         "No reference model is held: the recipe caches reference log-probs before training. Plain `trl.DPOTrainer` "
         "with its defaults keeps a second copy of the weights for the reference (full fine-tune; with LoRA it runs "
         "the base with the adapter off, no copy), which adds 2 bytes per parameter in bf16 and 4 in fp32 to every "
