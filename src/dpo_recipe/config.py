@@ -163,9 +163,21 @@ class TrainingConfig:
     max_steps: int | None = None
     # Also validate every this many optimizer steps (into metrics.jsonl and the plots); null: at epoch ends only.
     eval_steps: int | None = None
+    # Also save a `step-<N>/` checkpoint every this many optimizer steps inside an epoch (epoch ends save `epoch-<k>/`
+    # anyway); `--resume` continues from the newest checkpoint of either kind, exactly. With eval_steps it must be a
+    # multiple of eval_steps: every step checkpoint is then validated and can be the best one. null: epoch ends only.
+    save_steps: int | None = None
     # Every epoch's weights (`all`), or only the best and the newest (`best_and_last`). Optimizer state, which only
-    # resuming reads and which is twice the weights, is kept in the newest epoch alone either way.
+    # resuming reads and which is twice the weights, is kept in the newest checkpoint (epoch or step) alone either way.
     keep_epochs: str = "all"
+    # How many `step-<N>/` checkpoints stay: the newest N, plus the best one if it is a step checkpoint. Epoch
+    # checkpoints are governed by keep_epochs alone and never count here; neither key ever deletes the best
+    # checkpoint or the newest one (the one --resume reads). null: every step checkpoint stays.
+    keep_checkpoints: int | None = None
+    # SIGTERM or SIGUSR1 (schedulers send it ahead of a time limit, spot instances SIGTERM) saves a step checkpoint at
+    # the end of the current step, then stops (exit 75 with the resume command), so --resume loses at most that step.
+    # In an epoch's last step it lets the epoch end validate and save instead. false: a signal stops without saving.
+    save_on_signal: bool = False
     # Stop once validation (at epoch ends, by best_metric) has not improved for this many epochs; null: never.
     early_stopping_patience: int | None = None
     logging_steps: int = 10
@@ -455,6 +467,20 @@ def _validate(config: RecipeConfig) -> None:
         ("training.pad_to_multiple_of", (config.training.pad_to_multiple_of or 1) >= 1, "must be >= 1 or null"),
         ("training.max_steps", (config.training.max_steps or 1) >= 1, "must be >= 1 or null"),
         ("training.eval_steps", (config.training.eval_steps or 1) >= 1, "must be >= 1 or null"),
+        ("training.save_steps", (config.training.save_steps or 1) >= 1, "must be >= 1 or null"),
+        (
+            "training.save_steps",
+            not (config.training.save_steps and config.training.eval_steps)
+            or config.training.save_steps % config.training.eval_steps == 0,
+            f"must be a multiple of training.eval_steps ({config.training.eval_steps}), so that every step checkpoint "
+            "is validated and can be the best one",
+        ),
+        ("training.keep_checkpoints", (config.training.keep_checkpoints or 1) >= 1, "must be >= 1 or null"),
+        (
+            "training.keep_checkpoints",
+            config.training.keep_checkpoints is None or config.training.save_steps or config.training.save_on_signal,
+            "bounds step checkpoints, which only training.save_steps or training.save_on_signal write: set one of them",
+        ),
         ("training.logging_steps", config.training.logging_steps >= 1, "must be >= 1"),
         ("training.early_stopping_patience", (config.training.early_stopping_patience or 1) >= 1, "must be >= 1 or null"),
         ("training.warmup_ratio", 0 <= config.training.warmup_ratio < 1, "must be in [0, 1)"),
