@@ -39,12 +39,12 @@ from .models import build_model, peft_config_for, resolve_precision
 from .packing import device_default, epoch_padding, forward_batch_size, make_collator, on_gpu
 from .rundir import (
     BEST_FILE,
-    EPOCH_PREFIX,
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
     TENSORBOARD_DIR,
     all_checkpoints,
     atomic_write,
+    best_label,
     checkpoint_epoch,
     checkpoint_step,
     check_resumed_config,
@@ -432,6 +432,5 @@ def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = Fal
         _record_session(run_dir, run, time.perf_counter() - started)
         best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
         if best:
-            which = f"epoch {best['epoch']}" if best["checkpoint"].startswith(EPOCH_PREFIX) else f"checkpoint {best['checkpoint']}"
-            print(f"done: {run_dir} (best {which} by {best['metric']} = {best['value']:.4f})", flush=True)
+            print(f"done: {run_dir} (best {best_label(best)} by {best['metric']} = {best['value']:.4f})", flush=True)
     return 0

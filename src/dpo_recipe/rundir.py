@@ -157,6 +157,13 @@ def best_epoch(records: list[dict], metric: str) -> dict | None:
     }
 
 
+def best_label(best: dict) -> str:
+    """best.json in words: `epoch 2`, or `step-30 (epoch 0.62)` for a step checkpoint."""
+    if best["checkpoint"].startswith(EPOCH_PREFIX):
+        return f"epoch {best['epoch']}"
+    return f"{best['checkpoint']} (epoch {best['epoch']:.2f})"
+
+
 def best_record(run_dir: Path) -> tuple[dict, dict] | None:
     """(best.json, the metrics.jsonl record it was chosen from), or None before there is a best."""
     path = Path(run_dir) / BEST_FILE
