@@ -189,7 +189,7 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     path = write_config(tmp_path, "")
     code, line = call_main(capsys, "train", "--config", str(path), "--resume")
     assert code == 2
-    assert line == f"error: {path}: --resume: no complete epoch checkpoint in {tmp_path / 'checkpoints' / 'smoke'}"
+    assert line == f"error: {path}: --resume: no complete checkpoint in {tmp_path / 'checkpoints' / 'smoke'}"
 
 
 # One row of each kind a local file can get wrong, as (raw line, reason); good rows sit between them.
