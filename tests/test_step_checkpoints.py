@@ -73,3 +73,22 @@ def test_bad_step_checkpoint_settings_stop_with_one_line(overrides, line, capsys
     arguments = ["print-config", "--config", str(SMOKE_CONFIG), *(a for o in overrides for a in ("--set", o))]
     assert main(arguments) == 2
     assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_a_repeated_scheduler_notice_does_not_cut_the_save_short_but_a_second_ctrl_c_does():
+    """Under a launcher the same SIGTERM can arrive twice (the scheduler's, and the launcher's forwarded copy): with
+    save_on_signal the second must not interrupt the save the first asked for. A second Ctrl-C still means "now"."""
+    import signal
+
+    from dpo_recipe.callbacks import InterruptGuard
+
+    saving = InterruptGuard(save_on_signal=True)
+    saving._request_stop(signal.SIGUSR1, None)
+    saving._request_stop(signal.SIGTERM, None)
+    assert saving.signal == signal.SIGUSR1
+    with pytest.raises(KeyboardInterrupt):
+        saving._request_stop(signal.SIGINT, None)
+    plain = InterruptGuard()
+    plain._request_stop(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt):
+        plain._request_stop(signal.SIGTERM, None)

@@ -281,8 +281,10 @@ class InterruptGuard(TrainerCallback):
         return self.save_on_signal and signum in SAVING_SIGNALS
 
     def _request_stop(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            if self._saves(signum):  # a repeated notice (a launcher forwards what the scheduler also sent): saving
+                return
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
         self.signal = signum
         then = "saving a checkpoint after this step" if self._saves(signum) else "stopping after this step"
         print(f"\nreceived {signal.Signals(signum).name}: {then}", file=sys.stderr, flush=True)

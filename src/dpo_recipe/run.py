@@ -42,6 +42,7 @@ from .rundir import (
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
     TENSORBOARD_DIR,
+    TRAINER_STATE_FILE,
     all_checkpoints,
     atomic_write,
     best_label,
@@ -190,7 +191,7 @@ EXIT_SAVED_ON_SIGNAL = 75
 def _completed_epochs(checkpoint: Path) -> int:
     """The epochs a checkpoint's run had finished (or, for a `training.max_steps` epoch checkpoint, was in)."""
     epoch = checkpoint_epoch(checkpoint)
-    return epoch if epoch is not None else int(json.loads((checkpoint / "trainer_state.json").read_text())["epoch"])
+    return epoch if epoch is not None else int(json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["epoch"])
 
 
 def resume_command(run_dir: Path) -> str:
@@ -393,8 +394,8 @@ def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
 def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False, signal_after_stop: bool = True) -> int:
     """Train one config end to end. Returns the process exit code: 0; 130 once SIGINT/SIGTERM stopped the run at a
     step's end; 75 (EXIT_SAVED_ON_SIGNAL) once SIGTERM/SIGUSR1 stopped it there after saving a checkpoint, under
-    training.save_on_signal (either way its resume command printed). Only a caller that ends the process with that code (the command line)
-    passes `signal_after_stop=False`; for any other the signal then goes on to the handler it would have reached
+    training.save_on_signal (either way its resume command printed). Only a caller that ends the process with that
+    code (the command line) passes `signal_after_stop=False`; for any other the signal then goes on to the handler it would have reached
     (Ctrl-C: KeyboardInterrupt), as with `InterruptGuard`."""
     started = time.perf_counter()
     try:
@@ -424,7 +425,7 @@ def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = Fal
             elif last:
                 print(f"interrupted; last complete checkpoint: {last}. Resume with: {command} --resume", file=sys.stderr)
             else:
-                print(f"interrupted before any epoch finished; nothing to resume. Start again with: {command}", file=sys.stderr)
+                print(f"interrupted before any checkpoint was saved; nothing to resume. Start again with: {command}", file=sys.stderr)
         if signal_after_stop:
             run.guard.deliver()
         return EXIT_SAVED_ON_SIGNAL if saved else 130

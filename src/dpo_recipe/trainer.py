@@ -31,7 +31,6 @@ import torch
 import torch._dynamo
 import torch._functorch.config
 from accelerate import PartialState
-from safetensors.torch import load_file, save_file
 from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
@@ -40,6 +39,7 @@ from accelerate.utils import (
     is_peft_model,
     parse_flag_from_env,
 )
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
