@@ -55,11 +55,11 @@ def test_a_one_epoch_run_gets_a_step_checkpoint_as_its_best_and_keeps_the_newest
     ("overrides", "line"),
     [
         (["training.eval_steps=4", "training.save_steps=6"],
-         "error: --set training.save_steps=6: training.save_steps must be a multiple of training.eval_steps (4), so "
-         "that every step checkpoint is validated and can be the best one (got 6)"),
+         ("error: --set training.save_steps=6: training.save_steps must be a multiple of training.eval_steps (4), so "
+          "that every step checkpoint is validated and can be the best one (got 6)")),
         (["training.keep_checkpoints=2"],
-         "error: --set training.keep_checkpoints=2: training.keep_checkpoints bounds step checkpoints, which only "
-         "training.save_steps or training.save_on_signal write: set one of them (got 2)"),
+         ("error: --set training.keep_checkpoints=2: training.keep_checkpoints bounds step checkpoints, which only "
+          "training.save_steps or training.save_on_signal write: set one of them (got 2)")),
         (["training.save_steps=5", "training.keep_checkpoints=-1"],
          "error: --set training.keep_checkpoints=-1: training.keep_checkpoints must be >= 1 or null (got -1)"),
         (["training.save_steps=-2"], "error: --set training.save_steps=-2: training.save_steps must be >= 1 or null (got -2)"),

@@ -472,8 +472,8 @@ def _validate(config: RecipeConfig) -> None:
             "training.save_steps",
             not (config.training.save_steps and config.training.eval_steps)
             or config.training.save_steps % config.training.eval_steps == 0,
-            f"must be a multiple of training.eval_steps ({config.training.eval_steps}), so that every step checkpoint "
-            "is validated and can be the best one",
+            (f"must be a multiple of training.eval_steps ({config.training.eval_steps}), so that every step "
+             "checkpoint is validated and can be the best one"),
         ),
         ("training.keep_checkpoints", (config.training.keep_checkpoints or 1) >= 1, "must be >= 1 or null"),
         (
