@@ -10,6 +10,7 @@ import pytest
 
 from dpo_recipe.cli import main
 from dpo_recipe.rundir import RESUME_ONLY_PREFIXES, checkpoint_step, epoch_dirs, read_metrics, step_dirs
+from dpo_recipe.report import summarize_run, sweep_table
 from dpo_recipe.run import run_training
 
 from conftest import SMOKE_CONFIG
@@ -49,6 +50,10 @@ def test_a_one_epoch_run_gets_a_step_checkpoint_as_its_best_and_keeps_the_newest
     assert f"done: {run_dir} (best {best['checkpoint']} (epoch {best['epoch']:.2f}) by val_loss" in out
     card = (run_dir / "README.md").read_text()
     assert f"- **Best checkpoint**: {best['checkpoint']} (epoch {best['epoch']:.2f}) (by val loss)" in card
+    # The sweep report reads the same best: its checkpoint and the validation taken there, not an epoch's.
+    row = [cell.strip() for cell in sweep_table([summarize_run(run_dir)]).splitlines()[2].strip("|").split("|")]
+    assert row[4] == f"{best['checkpoint']} (epoch {best['epoch']:.2f}) (val loss)"
+    assert row[5] == f"{lowest['val']['loss']:.4f}"
 
 
 @pytest.mark.parametrize(
