@@ -3,6 +3,7 @@ epoch (and step) checkpoints, with the session recorded and the plots drawn (`ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -31,7 +32,7 @@ from .callbacks import (
     StepEvaluation,
     early_stop_line,
 )
-from .config import OPTIMIZERS, ConfigError, RecipeConfig, check_loss_import
+from .config import OPTIMIZERS, ConfigError, LoggingConfig, RecipeConfig, check_loss_import
 from .curves import plot_run
 from .data import load_run_data, prepare_data
 from .loss import resolve_loss
@@ -262,10 +263,6 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
             record_config_changes(run_dir, resumed_changes, checkpoint_step(resume_from), _completed_epochs(resume_from))
     state.wait_for_everyone()
 
-    if "wandb" in config.logging.report_to:
-        os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
-        os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
-
     micro, _ = batch_plan(config, state.num_processes)
     training = config.training
     collator = make_collator(
@@ -391,6 +388,26 @@ def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
     atomic_write(path, json.dumps(info, indent=2))
 
 
+@contextlib.contextmanager
+def wandb_environment(logging: LoggingConfig):
+    """The config's wandb mode and project, as the environment variables wandb and transformers' WandbCallback read,
+    for this training only: a value exported before the run wins, and the variables are put back afterwards, so a
+    second run in the same process reads its own config, not the first run's."""
+    values = {"WANDB_MODE": logging.wandb_mode, "WANDB_PROJECT": logging.wandb_project}
+    before = {name: os.environ.get(name) for name in values}
+    if "wandb" in logging.report_to:
+        for name, value in values.items():
+            os.environ.setdefault(name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False, signal_after_stop: bool = True) -> int:
     """Train one config end to end. Returns the process exit code: 0; 130 once SIGINT/SIGTERM stopped the run at a
     step's end; 75 (EXIT_SAVED_ON_SIGNAL) once SIGTERM/SIGUSR1 stopped it there after saving a checkpoint, under
@@ -406,7 +423,8 @@ def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = Fal
         return 0
     run.guard.deliver_after_stop = False  # delivered below, once the stop is reported
     try:
-        run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        with wandb_environment(config.logging):
+            run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     finally:
         run.guard.restore()  # HF skips on_train_end when training raises
     run_dir = config.run_dir
