@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 from .config import RecipeConfig, describe_model
-from .data import CHAT_FORMATS
 from .rundir import (
     BEST_FILE,
     BEST_LINK,
@@ -23,6 +22,7 @@ from .rundir import (
     read_metrics,
     trained_format,
 )
+from .sources import CHAT_FORMATS
 
 QUESTION = "How do I bake bread?"
 

@@ -272,7 +272,7 @@ def quiet_third_party_output() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
-    from .data import DataError
+    from .sources import DataError
 
     args = build_parser().parse_args(argv)
     if not getattr(args, "verbose", False):

@@ -85,7 +85,7 @@ class DataConfig:
     # A hub dataset's configuration, `load_dataset(source, config_name)` (TRL's `dataset_config`), for example `en`;
     # null: its default. A local directory declares configurations in its README.md, as on the hub.
     config_name: str | None = None
-    # One of DATA_FORMATS; `auto` detects it from the first row's columns (see `dpo_recipe.data`).
+    # One of DATA_FORMATS; `auto` detects it from the first row's columns (see `dpo_recipe.sources`).
     format: str = "auto"
     # A Jinja chat template, or a file holding one, for message formats when the tokenizer has none (or to replace
     # its own).

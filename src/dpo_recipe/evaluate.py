@@ -30,19 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig, check_loss_import, looks_like_local_path
-from .data import (
-    ASSISTANT_MARKER,
-    CHAT_FORMATS,
-    HUMAN_MARKER,
-    BadRow,
-    DataError,
-    DataReport,
-    PreferencePair,
-    load_text_splits,
-    read_messages,
-    read_pairs,
-    tokenize_pairs,
-)
+from .data import load_text_splits, tokenize_pairs
 from .hub import check_hub_access
 from .loss import resolve_loss
 from .models import build_model, dequantized, load_tokenizer, model_fingerprint, resolve_precision
@@ -66,6 +54,17 @@ from .rundir import (
     scoring_settings,
     trained_format,
     write_scoring_settings,
+)
+from .sources import (
+    ASSISTANT_MARKER,
+    CHAT_FORMATS,
+    HUMAN_MARKER,
+    BadRow,
+    DataError,
+    DataReport,
+    PreferencePair,
+    read_messages,
+    read_pairs,
 )
 
 if TYPE_CHECKING:
