@@ -73,7 +73,7 @@ def training_procedure(run_dir: Path, config: RecipeConfig, data_format: str) ->
     report = run_dir / DATA_REPORT_FILE
     pairs = json.loads(report.read_text()).get("pairs", {}) if report.is_file() else {}
     counts = " / ".join(f"{pairs[split]} {split}" for split in ("train", "val", "test") if split in pairs)
-    source = data.source + (f" ({data.subset})" if data.subset else "")
+    source = data.describe()
     loss_text = f"{loss.type}, β {loss.beta:g}"
     if loss.label_smoothing:
         loss_text += f", label smoothing {loss.label_smoothing:g}"

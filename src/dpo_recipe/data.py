@@ -8,6 +8,7 @@ kind in the run's `DataReport`, which the trainer prints and writes to the run d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 from collections import defaultdict
@@ -15,14 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, DataConfig, RecipeConfig
+from .config import ALL_PAIRS, ConfigError, DataConfig, MixtureSource, RecipeConfig, mixture_format_conflict
 from .rundir import DATA_INDICES_FILE, DATA_REPORT_FILE
 from .sources import (
+    SPLITS,
     TOKENIZATION_NOTES,
     DataError,
     DataReport,
     Messages,
     PreferencePair,
+    UnknownSplit,
     _blank,
     read_pairs,
     source_kind,
@@ -37,42 +40,170 @@ class TextSplits:
     train: list[PreferencePair]
     val: list[PreferencePair]
     test: list[PreferencePair]
-    # Every usable pair read (the source's, then a separate test source's), in source order, sampled or not.
+    # Every usable pair read (each train source's, then a test and a validation source's), in source order.
     all: list[PreferencePair] = field(default_factory=list)
 
-    def indices(self) -> dict[str, list[int]]:
-        return {name: [pair.index for pair in getattr(self, name)] for name in ("train", "val", "test")}
+    def indices(self) -> dict[str, Any]:
+        """data_indices.json: each split's rows (line numbers, or row indices of a table) and, pair by pair, the
+        source each came from, as a position in `sources`."""
+        sources = list(dict.fromkeys(pair.source for split in SPLITS for pair in getattr(self, split)))
+        position = {source: i for i, source in enumerate(sources)}
+        rows = {split: [pair.index for pair in getattr(self, split)] for split in SPLITS}
+        of_pairs = {split: [position[pair.source] for pair in getattr(self, split)] for split in SPLITS}
+        return rows | {"sources": sources, "pair_sources": of_pairs}
+
+
+def recorded_pairs(indices: dict[str, Any], split: str) -> list:
+    """A split's pairs in data_indices.json as (source, row); rows alone in a file written before sources were."""
+    rows = indices.get(split) or []
+    if "pair_sources" not in indices:
+        return rows
+    return [(indices["sources"][source], row) for source, row in zip(indices["pair_sources"][split], rows)]
+
+
+def _read(source: str, split: str | None, config: DataConfig, report: DataReport, config_file: str, key: str):
+    """read_pairs, with a split the dataset lacks named by the config key that asked for it."""
+    try:
+        return read_pairs(source, split, config, report)
+    except UnknownSplit as error:
+        raise DataError(
+            f"{config_file}: {key} {error.split!r} is not a split of dataset {error.dataset} (its splits: "
+            f"{', '.join(error.splits)})"
+        ) from None
+
+
+def _train_sources(config: DataConfig) -> list[tuple[str, MixtureSource]]:
+    """(config key, entry) of each train + val source: the mixture's, or data.source as a mixture of one."""
+    if config.mixture is not None:
+        return [(f"data.mixture[{i}]", entry) for i, entry in enumerate(config.mixture)]
+    return [("data", MixtureSource(
+        source=config.source, subset=config.subset, config_name=config.config_name, split=config.train_split,
+        format=config.format, num_pairs=config.num_pairs,
+    ))]  # fmt: skip
+
+
+def _pair_count(key: str, entry: MixtureSource, available: int, carved: int | str, source: str, config_file: str) -> int:
+    """How many of a source's `available` usable pairs go to train + val; `carved` test pairs come from it too."""
+    if entry.fraction is not None:
+        count = round(entry.fraction * available)
+        if count < 1:
+            raise DataError(f"{config_file}: {key}.fraction {entry.fraction} of the {available} usable pairs of {source} is no pair")
+        return count
+    reserved = carved if isinstance(carved, int) else 0
+    count = available - reserved if entry.num_pairs == ALL_PAIRS else entry.num_pairs
+    if count + reserved > available:
+        what = f"{key}.num_pairs" + (" + data.num_test_pairs" if reserved else "")
+        raise DataError(f"{config_file}: {what} = {count + reserved} but {source} has only {available} usable pairs")
+    return count
 
 
 def load_text_splits(config: DataConfig, seed: int, report: DataReport, config_file: str = "config") -> TextSplits:
-    """Sample train/val/test pairs deterministically from the seed."""
-    if config.config_name is not None and source_kind(config.source) != "dataset":
-        raise ConfigError(
-            f"data.config_name {config.config_name!r} names a configuration of a hub dataset (or of a directory laid "
-            f"out like one), but data.source {config.source!r} is not one"
-        )
+    """Sample train/val/test pairs deterministically from the seed.
+
+    Train + val come from data.source (or each source of data.mixture, shuffled together); validation is
+    data.val_fraction of them, unless data.val_split / data.val_source give it a source of its own (all its pairs).
+    Test pairs come from data.test_source or the dataset's test split, or are carved from a file source.
+    """
     rng = random.Random(seed)
-    pool = read_pairs(config.source, config.train_split, config, report)
+    mixture = config.mixture is not None
     # A hub dataset (or a directory laid out like one) has a test split; a file's test pairs are carved from it.
-    separate_test = config.test_source is not None or source_kind(config.source) == "dataset"
-    needed = config.num_pairs + (0 if separate_test else config.num_test_pairs)
-    if needed > len(pool):
-        what = "data.num_pairs" if separate_test else "data.num_pairs + data.num_test_pairs"
-        raise DataError(f"{config_file}: {what} = {needed} but {config.source} has only {len(pool)} usable pairs")
-    chosen = rng.sample(range(len(pool)), needed)
-    if separate_test:
-        test_pool = read_pairs(config.test_source or config.source, config.test_split, config, report)
-        if config.num_test_pairs > len(test_pool):
-            raise DataError(
-                f"{config_file}: data.num_test_pairs = {config.num_test_pairs} but the test source has only "
-                f"{len(test_pool)} usable pairs"
+    carve_test = not mixture and config.test_source is None and source_kind(config.source) != "dataset"
+    carved = config.num_test_pairs if carve_test else 0
+    train_val, test, pools, formats = [], [], [], []
+    for key, entry in _train_sources(config):
+        if entry.config_name is not None and source_kind(entry.source) != "dataset":
+            raise ConfigError(
+                f"{key}.config_name {entry.config_name!r} names a configuration of a hub dataset (or of "
+                f"a directory laid out like one), but {key}.source {entry.source!r} is not one"
             )
-        test = [test_pool[i] for i in rng.sample(range(len(test_pool)), config.num_test_pairs)]
-    else:
-        test_pool, test = [], [pool[i] for i in chosen[config.num_pairs :]]
-    train_val = [pool[i] for i in chosen[: config.num_pairs]]
-    num_val = max(1, round(config.num_pairs * config.val_fraction))
-    return TextSplits(train=train_val[num_val:], val=train_val[:num_val], test=test, all=pool + test_pool)
+        read_as = dataclasses.replace(
+            config, source=entry.source, subset=entry.subset, config_name=entry.config_name,
+            format=entry.format or config.format, num_pairs=entry.num_pairs, num_test_pairs=carved, mixture=None,
+        )  # fmt: skip
+        pool = _read(entry.source, entry.split, read_as, report, config_file, f"{key}.split" if mixture else "data.train_split")
+        name = pool[0].source
+        formats.append((entry.source, report.formats[name]))
+        conflict = mixture_format_conflict(formats)
+        if conflict:
+            raise DataError(f"{config_file}: {conflict}")
+        if carved == ALL_PAIRS and entry.num_pairs == ALL_PAIRS:
+            raise DataError(
+                f"{config_file}: data.num_pairs and data.num_test_pairs are both `all`, but the test pairs of a file are "
+                f"carved from data.source: give one of them a number, or name a data.test_source"
+            )
+        count = _pair_count(key, entry, len(pool), carved, name, config_file)
+        num_test = len(pool) - count if carved == ALL_PAIRS else carved
+        chosen = rng.sample(range(len(pool)), count + num_test)
+        train_val += [pool[i] for i in chosen[:count]]
+        test += [pool[i] for i in chosen[count:]]
+        how = f"{key}.fraction {entry.fraction}" if entry.fraction is not None else f"{key}.num_pairs {entry.num_pairs}"
+        carving = f", data.num_test_pairs {config.num_test_pairs} carved from it" if carve_test and num_test else ""
+        report.selection[name] = f"{count + num_test} of its {len(pool)} usable pairs: {how}{carving}"
+        pools += pool
+    if config.num_test_pairs != 0 and not carve_test:
+        test = _read_test_pairs(config, rng, report, config_file, pools)
+    if mixture:
+        rng.shuffle(train_val)
+    val = _read_validation_pairs(config, report, config_file, pools)
+    if val is None:
+        num_val = max(1, round(len(train_val) * config.val_fraction))
+        if num_val >= len(train_val):
+            raise DataError(
+                f"{config_file}: data.val_fraction {config.val_fraction} leaves no training pairs out of the "
+                f"{len(train_val)} train + val pairs"
+            )
+        val, train_val = train_val[:num_val], train_val[num_val:]
+    splits = TextSplits(train=train_val, val=val, test=test, all=pools)
+    for name in report.selection:  # in the order the sources were read
+        report.pairs_by_source.setdefault(name, dict.fromkeys(SPLITS, 0))
+    for split in SPLITS:
+        for pair in getattr(splits, split):
+            counts = report.pairs_by_source.setdefault(pair.source, dict.fromkeys(SPLITS, 0))
+            counts[split] += 1
+    return splits
+
+
+def _read_test_pairs(config: DataConfig, rng: random.Random, report: DataReport, config_file: str, pools: list) -> list:
+    """`num_test_pairs` sampled from data.test_source, or from data.source's test split; none where there is neither."""
+    source = config.test_source or (None if config.mixture is not None else config.source)
+    no_split = config.test_split is None and source is not None and source_kind(source) == "dataset"
+    if source is None or no_split:
+        if config.num_test_pairs != ALL_PAIRS:
+            missing = "data.test_source (a mixture's test pairs come from a source of their own)" if source is None else "data.test_split"
+            raise DataError(
+                f"{config_file}: data.num_test_pairs = {config.num_test_pairs} but there is no test split: set "
+                f"{missing}, or data.num_test_pairs: 0"
+            )
+        return []
+    test_pool = _read(source, config.test_split, config, report, config_file, "data.test_split")
+    count = len(test_pool) if config.num_test_pairs == ALL_PAIRS else config.num_test_pairs
+    if count > len(test_pool):
+        raise DataError(
+            f"{config_file}: data.num_test_pairs = {count} but the test source has only {len(test_pool)} usable pairs"
+        )
+    test = [test_pool[i] for i in rng.sample(range(len(test_pool)), count)]
+    report.selection[test_pool[0].source] = f"{count} of its {len(test_pool)} usable pairs: data.num_test_pairs {config.num_test_pairs}"
+    pools += test_pool
+    return test
+
+
+def _read_validation_pairs(config: DataConfig, report: DataReport, config_file: str, pools: list) -> list | None:
+    """Every usable pair of data.val_source or data.val_split; None when validation is carved from train + val."""
+    if config.val_source is None and config.val_split is None:
+        return None
+    source = config.val_source or config.source
+    if source_kind(source) == "dataset" and config.val_split is None:
+        raise DataError(f"{config_file}: data.val_source {source!r} is a dataset: name its split in data.val_split")
+    if config.val_source is None and source_kind(source) != "dataset":
+        raise DataError(
+            f"{config_file}: data.val_split names a split of a dataset, but data.source {source!r} is a file: give "
+            f"the validation file as data.val_source"
+        )
+    key = "data.val_split" if config.val_split is not None else "data.val_source"
+    val = _read(source, config.val_split, config, report, config_file, key)
+    report.selection[val[0].source] = f"all {len(val)} usable pairs: {key}"
+    pools += val
+    return val
 
 
 def truncate_pair(

@@ -41,6 +41,7 @@ JSON_SUFFIXES = (".json", ".json.gz")  # a JSON array, or JSON lines
 TABLE_LOADERS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv"}  # read by `datasets`' own loaders
 LOCAL_SUFFIXES = JSON_LINES_SUFFIXES + JSON_SUFFIXES + tuple(TABLE_LOADERS)
 EXAMPLE_LINES_PER_REASON = 5
+SPLITS = ("train", "val", "test")
 CHAT_FORMATS = ("hh-rlhf-chat", "conversational", "conversational_implicit")
 EXPLICIT_PROMPT_FORMATS = ("standard", "conversational")
 
@@ -78,6 +79,14 @@ TEMPLATE_ARGUMENTS = frozenset({"add_generation_prompt", "tokenize", "return_dic
 
 class DataError(ValueError):
     """A data problem that stops the run, worded as one line naming the file (and line)."""
+
+
+class UnknownSplit(DataError):
+    """A split a dataset does not have; `splits` are the ones it has."""
+
+    def __init__(self, dataset: str, split: str, splits: list[str]):
+        super().__init__(f"dataset {dataset} has no split {split!r} (its splits: {', '.join(splits)})")
+        self.dataset, self.split, self.splits = dataset, split, splits
 
 
 class BadRow(ValueError):
@@ -124,6 +133,9 @@ class DataReport:
     template_kwargs_rows: dict[str, int] = field(default_factory=dict)
     # Per split: counts of TOKENIZATION_NOTES.
     tokenization: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Source -> split (train, val, test) -> pairs drawn from it; and how each source's pairs were chosen.
+    pairs_by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    selection: dict[str, str] = field(default_factory=dict)
 
     def record_empty_response(self, source: str, index: int) -> None:
         self.empty_response_kept[source] = self.empty_response_kept.get(source, 0) + 1
@@ -157,6 +169,12 @@ class DataReport:
             if self.template_kwargs_rows.get(source):
                 count = self.template_kwargs_rows[source]
                 lines.append(f"  kept    {count:>5}  with tools or chat_template_kwargs, passed to the chat template")
+        for source, splits in self.pairs_by_source.items():
+            counts = ", ".join(f"{count} {split}" for split, count in splits.items())
+            lines.append(f"pairs from {source}: {counts} ({self.selection.get(source, '')})")
+        if len(self.pairs_by_source) > 1:
+            totals = {split: sum(splits[split] for splits in self.pairs_by_source.values()) for split in SPLITS}
+            lines.append("pairs from all sources: " + ", ".join(f"{count} {split}" for split, count in totals.items()))
         for split, kinds in self.truncated.items():
             parts = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
             lines.append(f"{split}: {self.pairs.get(split, 0)} pairs; truncated: {parts}")
@@ -403,6 +421,9 @@ def _hub_rows(source: str, config: DataConfig, split: str) -> Iterator[tuple[int
     try:
         dataset = load_dataset(source, name=config.config_name, data_dir=config.subset, split=split)
     except Exception as error:  # noqa: BLE001 - the hub raises many types; the user needs one line
+        unknown = re.match(r"Unknown split .*Should be one of \[(.*)\]", str(error))
+        if unknown:
+            raise UnknownSplit(f"{source!r}{configuration}", split, re.findall(r"'([^']*)'", unknown.group(1))) from None
         raise _load_error(f"dataset {source!r}{configuration} (split {split!r})", error) from None
     yield from enumerate(dataset)
 
