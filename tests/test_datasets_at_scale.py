@@ -168,6 +168,8 @@ def test_each_datasets_at_scale_mistake_is_one_line_naming_the_key(tmp_path, cap
     assert line == f"error: {path}: data.num_pairs must be an integer >= 2 or `all` (got 'lots')"
     line, path = error({"source": str(a), "num_test_pairs": -1}, "print-config")
     assert line == f"error: {path}: data.num_test_pairs must be an integer >= 0 (0: none) or `all` (got -1)"
+    line, path = error({"source": "synthetic"}, "print-config")  # `all` of a source with no size
+    assert line == f"error: {path}: data.num_pairs must be a number for data.source synthetic, which makes as many pairs as asked"
     with pytest.raises(ConfigError, match=r"data.mixture\[0\] \(a.jsonl\): give one of fraction"):
         load_config(write_config(tmp_path, {"mixture": [{"source": "a.jsonl"}]}))
 
@@ -192,5 +194,9 @@ def test_a_mixture_trains_through_the_real_entry_point(tmp_path, capsys):
     assert {source for source, _ in recorded_pairs(indices, "test")} == {str(test)}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["epoch"] == 1 and records[-1]["val"]["loss"] > 0
-    # The test pairs evaluate as training recorded them (their sources and rows rebuilt from the saved config).
+    # The test pairs evaluate as training recorded them (their sources and rows rebuilt from the saved config), and
+    # so do those of a run recorded before each pair's source was (rows alone).
+    assert main(["eval", str(run_dir)]) == 0
+    rows_only = {split: indices[split] for split in ("train", "val", "test")}
+    (run_dir / "data_indices.json").write_text(json.dumps(rows_only))
     assert main(["eval", str(run_dir)]) == 0

@@ -87,7 +87,9 @@ def _pair_count(key: str, entry: MixtureSource, available: int, carved: int | st
     if entry.fraction is not None:
         count = round(entry.fraction * available)
         if count < 1:
-            raise DataError(f"{config_file}: {key}.fraction {entry.fraction} of the {available} usable pairs of {source} is no pair")
+            raise DataError(
+                f"{config_file}: {key}.fraction {entry.fraction} of the {available} usable pairs of {source} is no pair"
+            )
         return count
     reserved = carved if isinstance(carved, int) else 0
     count = available - reserved if entry.num_pairs == ALL_PAIRS else entry.num_pairs
@@ -169,7 +171,7 @@ def _read_test_pairs(config: DataConfig, rng: random.Random, report: DataReport,
     no_split = config.test_split is None and source is not None and source_kind(source) == "dataset"
     if source is None or no_split:
         if config.num_test_pairs != ALL_PAIRS:
-            missing = "data.test_source (a mixture's test pairs come from a source of their own)" if source is None else "data.test_split"
+            missing = "data.test_split" if source else "data.test_source (a mixture's test pairs come from a source of their own)"
             raise DataError(
                 f"{config_file}: data.num_test_pairs = {config.num_test_pairs} but there is no test split: set "
                 f"{missing}, or data.num_test_pairs: 0"
@@ -182,7 +184,8 @@ def _read_test_pairs(config: DataConfig, rng: random.Random, report: DataReport,
             f"{config_file}: data.num_test_pairs = {count} but the test source has only {len(test_pool)} usable pairs"
         )
     test = [test_pool[i] for i in rng.sample(range(len(test_pool)), count)]
-    report.selection[test_pool[0].source] = f"{count} of its {len(test_pool)} usable pairs: data.num_test_pairs {config.num_test_pairs}"
+    how = f"data.num_test_pairs {config.num_test_pairs}"
+    report.selection[test_pool[0].source] = f"{count} of its {len(test_pool)} usable pairs: {how}"
     pools += test_pool
     return test
 

@@ -283,9 +283,10 @@ class RunScorer:
             if "pair_sources" not in recorded:  # written before each pair's source was: rows alone
                 del rebuilt["pair_sources"]
             if recorded.get("test") is not None and recorded_pairs(recorded, "test") != recorded_pairs(rebuilt, "test"):
+                source = self.config.data.test_source or self.config.data.source
                 raise DataError(
-                    f"{indices_file}: the test pairs rebuilt from {self.config.data.test_source or self.config.data.source} "
-                    f"are not the ones training recorded ({len(splits.test)} vs {len(recorded['test'])} pairs; did the data change?)"
+                    f"{indices_file}: the test pairs rebuilt from {source} are not the ones training recorded "
+                    f"({len(splits.test)} vs {len(recorded['test'])} pairs; did the data change?)"
                 )
         return splits.test
 
@@ -374,7 +375,10 @@ class RunEvaluator:
             self.dataset_name = dataset_name(data_source)
             pairs = self.scorer.read_pairs(data_source, self.report)
         if not pairs:
-            raise DataError(f"{self.scorer.config_file}: no {self.dataset_name} pairs to evaluate (data.num_test_pairs is 0, or the run had no test source)")
+            raise DataError(
+                f"{self.scorer.config_file}: no {self.dataset_name} pairs to evaluate (data.num_test_pairs is 0, or "
+                "the run had no test source)"
+            )
         data = self.scorer.config.data
         self.data_source = data_source or f"{data.test_source or data.source} (test split of the run)"
         self.dataset = self.scorer.tokenize(pairs, self.dataset_name, self.report)
