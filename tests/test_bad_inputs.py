@@ -19,7 +19,8 @@ import torch
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import DataConfig, ModelConfig
-from dpo_recipe.data import DataError, DataReport, load_text_splits, read_pairs, tokenize_pairs
+from dpo_recipe.data import load_text_splits, tokenize_pairs
+from dpo_recipe.sources import DataError, DataReport, read_pairs
 from dpo_recipe.synthetic import synthetic_rows
 
 from conftest import REPO, SMOKE_CONFIG, gpt2_style_tokenizer, write_jsonl

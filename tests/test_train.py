@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 from dpo_recipe.cli import main
-from dpo_recipe.data import DataReport, load_text_splits
+from dpo_recipe.data import load_text_splits
 from dpo_recipe.evaluate import RunScorer, dataset_name
+from dpo_recipe.sources import DataReport
 from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.rundir import epoch_dirs, eval_file_name, read_metrics
 from dpo_recipe.run import prepare_run, run_training

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 from .config import RecipeConfig, describe_model
-from .data import CHAT_FORMATS
 from .rundir import (
     BEST_LINK,
     DATA_REPORT_FILE,
@@ -24,6 +23,7 @@ from .rundir import (
     read_metrics,
     trained_format,
 )
+from .sources import CHAT_FORMATS
 
 QUESTION = "How do I bake bread?"
 
@@ -74,7 +74,7 @@ def training_procedure(run_dir: Path, config: RecipeConfig, data_format: str) ->
     report = run_dir / DATA_REPORT_FILE
     pairs = json.loads(report.read_text()).get("pairs", {}) if report.is_file() else {}
     counts = " / ".join(f"{pairs[split]} {split}" for split in ("train", "val", "test") if split in pairs)
-    source = data.source + (f" ({data.subset})" if data.subset else "")
+    source = data.describe()
     loss_text = f"{loss.type}, β {loss.beta:g}"
     if loss.label_smoothing:
         loss_text += f", label smoothing {loss.label_smoothing:g}"

@@ -132,7 +132,7 @@ def setup_table(runs: list[RunSummary]) -> str:
         [
             run.name,
             _model_description(run.config),
-            run.config.data.source,
+            run.config.data.describe(),
             "/".join(str(run.pairs.get(split, "?")) for split in ("train", "val", "test")),
             run.config.loss.type + (f" (label smoothing {run.config.loss.label_smoothing:g})" if run.config.loss.label_smoothing else ""),
             run.config.training.effective_batch_size,
