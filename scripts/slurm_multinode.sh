@@ -11,6 +11,9 @@ shift
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L | wc -l)}
 MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MAIN_PORT=${MAIN_PORT:-29500}
+# The launcher forwards SIGUSR1 (from `#SBATCH --signal=USR1@120`) to the training processes instead of ending at it,
+# so that training.save_on_signal can save before the time limit (README, "Preemption").
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 # Single quotes: SLURM_NODEID must expand on each node, not here.
 srun bash -c 'accelerate launch --config_file recipes/accelerate_configs/multi_node.yaml \
   --num_machines "$SLURM_NNODES" --num_processes "$((SLURM_NNODES * '"$GPUS_PER_NODE"'))" \

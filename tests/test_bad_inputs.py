@@ -19,7 +19,8 @@ import torch
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import DataConfig, ModelConfig
-from dpo_recipe.data import DataError, DataReport, load_text_splits, read_pairs, tokenize_pairs
+from dpo_recipe.data import load_text_splits, tokenize_pairs
+from dpo_recipe.sources import DataError, DataReport, read_pairs
 from dpo_recipe.synthetic import synthetic_rows
 
 from conftest import REPO, SMOKE_CONFIG, gpt2_style_tokenizer, write_jsonl
@@ -189,7 +190,7 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     path = write_config(tmp_path, "")
     code, line = call_main(capsys, "train", "--config", str(path), "--resume")
     assert code == 2
-    assert line == f"error: {path}: --resume: no complete epoch checkpoint in {tmp_path / 'checkpoints' / 'smoke'}"
+    assert line == f"error: {path}: --resume: no complete checkpoint in {tmp_path / 'checkpoints' / 'smoke'}"
 
 
 # One row of each kind a local file can get wrong, as (raw line, reason); good rows sit between them.

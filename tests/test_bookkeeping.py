@@ -16,10 +16,11 @@ import torch
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import load_config
-from dpo_recipe.data import DataReport, load_text_splits
+from dpo_recipe.data import load_text_splits
 from dpo_recipe.evaluate import RunScorer
 from dpo_recipe.rundir import epoch_dirs, read_metrics
 from dpo_recipe.run import prepare_run, run_training
+from dpo_recipe.sources import DataReport
 from dpo_recipe.totals import RunningTotals
 
 from conftest import SMOKE_CONFIG

@@ -7,19 +7,8 @@ import json
 import pytest
 
 from dpo_recipe.config import DataConfig
-from dpo_recipe.data import (
-    BadRow,
-    DataError,
-    DataReport,
-    PreferencePair,
-    PreparedData,
-    load_text_splits,
-    prepare_data,
-    read_pairs,
-    split_dialogue,
-    tokenize_pairs,
-    truncate_pair,
-)
+from dpo_recipe.data import PreparedData, load_text_splits, prepare_data, tokenize_pairs, truncate_pair
+from dpo_recipe.sources import BadRow, DataError, DataReport, PreferencePair, read_pairs, split_dialogue
 
 from dpo_recipe.synthetic import synthetic_rows
 

@@ -11,18 +11,10 @@ import pytest
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import ConfigError, DataConfig, load_config
-from dpo_recipe.data import (
-    DataError,
-    DataReport,
-    detect_format,
-    hh_messages,
-    load_text_splits,
-    read_pairs,
-    split_dialogue,
-    tokenize_pairs,
-)
+from dpo_recipe.data import load_text_splits, tokenize_pairs
 from dpo_recipe.evaluate import dataset_name
 from dpo_recipe.rundir import eval_file_name
+from dpo_recipe.sources import DataError, DataReport, detect_format, hh_messages, read_pairs, split_dialogue
 from dpo_recipe.synthetic import synthetic_rows
 
 from conftest import SMOKE_CONFIG, write_jsonl

@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import ConfigError
-from dpo_recipe.data import DataError, hh_messages, split_dialogue
 from dpo_recipe.evaluate import evaluate_paths, rank_responses
 from dpo_recipe.rundir import SCORING_FILE
+from dpo_recipe.sources import DataError, hh_messages, split_dialogue
 from dpo_recipe.synthetic import synthetic_rows
 
 from conftest import SMOKE_CONFIG, write_jsonl

@@ -10,7 +10,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
 from dpo_recipe.config import SHARED_PROMPT_ATTENTION, DataConfig, load_config
-from dpo_recipe.data import DataReport, PreferencePair, split_dialogue, tokenize_pairs
+from dpo_recipe.data import tokenize_pairs
 from dpo_recipe.loss import resolve_loss
 from dpo_recipe.packing import (
     LengthBuckets,
@@ -22,6 +22,7 @@ from dpo_recipe.packing import (
     pair_logps,
     plan_buckets,
 )
+from dpo_recipe.sources import DataReport, PreferencePair, split_dialogue
 from dpo_recipe.synthetic import hh_length_rows
 from dpo_recipe.run import prepare_run
 

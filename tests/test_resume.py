@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import load_config
-from dpo_recipe.rundir import epoch_dirs, latest_checkpoint, read_metrics
+from dpo_recipe.rundir import epoch_dirs, latest_checkpoint, read_metrics, step_dirs
 import dpo_recipe.run as run_module
 from dpo_recipe.run import prepare_run, run_training
 
@@ -38,9 +38,9 @@ SMALL_RUN = [
 # Wall-clock throughput differs between any two runs; everything else in a metrics record must match.
 TIMING_KEYS = {"tokens_per_s", "pairs_per_s"}
 
-# A loss module the runs import through `loss.type`: exactly dpo_loss, except that once epoch 1 is committed
-# it tells the test (gate-reached) and holds the run inside the first step of epoch 2 until gate-release appears.
-# That makes "interrupted during epoch 2" deterministic without timing anything.
+# A loss module the runs import through `loss.type`: exactly dpo_loss, except that once epoch 1 (or the checkpoint
+# $GATE_CHECKPOINT) is committed it tells the test (gate-reached) and holds the run inside the next step until
+# gate-release appears. That makes "interrupted during epoch 2" deterministic without timing anything.
 GATE_MODULE = '''
 import os
 import time
@@ -51,7 +51,7 @@ from dpo_recipe.loss import dpo_loss
 
 def hold_after_epoch_1(*args):
     run_dir = Path(os.environ["GATE_RUN_DIR"])
-    if (run_dir / "epoch-1").is_dir():
+    if (run_dir / os.environ.get("GATE_CHECKPOINT", "epoch-1")).is_dir():
         (run_dir.parent / "gate-reached").touch()
         while not (run_dir.parent / "gate-release").exists():
             time.sleep(0.02)
@@ -135,11 +135,11 @@ def _weights(checkpoint: Path) -> dict:
     return load_file(checkpoint / "model.safetensors")
 
 
-def assert_same_weights(checkpoint: Path, expected: Path) -> None:
+def assert_same_weights(checkpoint: Path, expected: Path, tolerance: float = TOLERANCE) -> None:
     ours, theirs = _weights(checkpoint), _weights(expected)
     assert ours.keys() == theirs.keys()
     worst = max((ours[name] - theirs[name]).abs().max().item() for name in ours)
-    assert worst <= TOLERANCE, f"{checkpoint} differs from {expected} by {worst:g}"
+    assert worst <= tolerance, f"{checkpoint} differs from {expected} by {worst:g}"
 
 
 def assert_same_metrics(run_dir: Path, expected_dir: Path, epochs: int = 2) -> None:
@@ -166,14 +166,15 @@ def assert_same_metrics(run_dir: Path, expected_dir: Path, epochs: int = 2) -> N
 
 @pytest.fixture
 def gated_run(workspace):
-    """Start a real `python -m dpo_recipe train` process that holds inside the first step of epoch 2."""
+    """Start a real `python -m dpo_recipe train` process that holds inside the first step of epoch 2 (or the step after
+    the checkpoint `gate`), with any `extra` overrides."""
     started = []
 
-    def start(name: str) -> tuple[subprocess.Popen, Path, Path]:
+    def start(name: str, *extra: str, gate: str = "epoch-1") -> tuple[subprocess.Popen, Path, Path]:
         output_dir = workspace / name
         output_dir.mkdir()
-        overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=gate_loss:hold_after_epoch_1")
-        env = dict(os.environ, GATE_RUN_DIR=str(output_dir / "smoke"))
+        overrides = _overrides(output_dir, workspace / "ref_cache", "loss.type=gate_loss:hold_after_epoch_1", *extra)
+        env = dict(os.environ, GATE_RUN_DIR=str(output_dir / "smoke"), GATE_CHECKPOINT=gate)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workspace / "modules"), os.environ.get("PYTHONPATH")]))
         with open(output_dir / "stdout.txt", "w") as stdout, open(output_dir / "stderr.txt", "w") as stderr:
             process = subprocess.Popen(
@@ -230,6 +231,60 @@ def test_sigkill_during_epoch_2_then_resume_matches_the_uninterrupted_run(worksp
     assert f"resuming {run_dir} from epoch-1 (step 4)" in capsys.readouterr().out
     assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1", "epoch-2"]
     assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2")
+    assert_same_metrics(run_dir, baseline)
+
+
+def test_sigkill_inside_epoch_2_after_a_step_checkpoint_then_resume_matches_the_uninterrupted_run(
+    workspace, baseline, gated_run, capsys
+):
+    """The issue's must-show: step checkpoints every 2 steps; killed (-9) inside step 7, after `step-6` was written,
+    in the middle of epoch 2. `--resume` goes on from step-6 with the epoch's own data order (shuffled differently
+    from epoch 1's, which a new process would draw), and ends with the uninterrupted run's weights and records."""
+    process, output_dir, run_dir = gated_run("killed_in_steps", "training.save_steps=2", gate="step-6")
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
+    assert [path.name for path in step_dirs(run_dir)] == ["step-2", "step-6"]
+    assert latest_checkpoint(run_dir) == run_dir / "step-6"
+
+    (output_dir / "gate-release").touch()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(workspace / "modules"))
+        patch.setenv("GATE_RUN_DIR", str(run_dir))
+        config = _config(workspace, "killed_in_steps", "loss.type=gate_loss:hold_after_epoch_1", "training.save_steps=2")
+        assert run_training(config, resume=True) == 0
+    assert f"resuming {run_dir} from step-6 (step 6)" in capsys.readouterr().out
+    assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1", "epoch-2"]
+    assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2", tolerance=1e-6)
+    assert_same_metrics(run_dir, baseline)
+
+
+def test_sigterm_with_save_on_signal_saves_the_step_and_the_printed_command_resumes_exactly(
+    workspace, baseline, gated_run, monkeypatch
+):
+    """SIGTERM during step 5 (the first of epoch 2): that step finishes, is saved as step-5, and the run exits 75 naming
+    it and the resume command. Nothing is lost: the resumed run ends as the uninterrupted one."""
+    process, output_dir, run_dir = gated_run("sigterm_saved", "training.save_on_signal=true")
+    process.send_signal(signal.SIGTERM)
+    stderr_file = output_dir / "stderr.txt"
+    wait_until(process, lambda: "received SIGTERM: saving a checkpoint after this step" in stderr_file.read_text(), output_dir)
+    (output_dir / "gate-release").touch()
+    assert process.wait(timeout=300) == 75, stderr_file.read_text()[-3000:]
+    stderr = stderr_file.read_text()
+    assert "Traceback" not in stderr
+    assert [path.name for path in step_dirs(run_dir)] == ["step-5"]
+    assert [path.name for path in epoch_dirs(run_dir)] == ["epoch-1"]
+    match = re.search(
+        rf"stopped by SIGTERM after saving (\S+) \(step 5\)\. Resume with: {re.escape(shlex.quote(sys.executable))} -m "
+        r"dpo_recipe train --config (\S+) --resume", stderr
+    )
+    assert match, stderr[-2000:]
+    assert Path(match.group(1)) == run_dir / "step-5"
+
+    monkeypatch.syspath_prepend(str(workspace / "modules"))
+    monkeypatch.setenv("GATE_RUN_DIR", str(run_dir))
+    assert run_training(load_config(match.group(2)), resume=True) == 0
+    assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2", tolerance=1e-6)
     assert_same_metrics(run_dir, baseline)
 
 
@@ -413,3 +468,41 @@ def test_a_signal_stops_training_in_process_after_the_step_and_then_reaches_its_
     assert received == [signum]
     (run,) = runs
     assert run.trainer.state.global_step == 2 and epoch_dirs(run.trainer.args.output_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("signum", "step", "saved"),
+    [(signal.SIGUSR1, 6, "step-6"), (signal.SIGTERM, STEPS_PER_EPOCH, "epoch-1")],
+    ids=["SIGUSR1 inside epoch 2", "SIGTERM in the last step of epoch 1"],
+)
+def test_save_on_signal_saves_where_the_step_ends_and_resume_loses_nothing(workspace, baseline, monkeypatch, signum, step, saved):
+    """A scheduler's SIGUSR1 (ahead of a time limit) inside an epoch saves that step as a step checkpoint; a SIGTERM in
+    an epoch's last step lets the epoch end validate and save it as its epoch instead (a step checkpoint there would
+    leave the epoch without its record). Either way the run exits 75, the signal then reaches the handler that was
+    there before, and the resumed run ends as the uninterrupted one."""
+    received = []
+    runs = []
+
+    def prepared(*args, **kwargs):
+        run = prepare_run(*args, **kwargs)
+        if not run.resume_from:
+            run.trainer.add_callback(SignalDuringStep(step, signum))
+        runs.append(run)
+        return run
+
+    monkeypatch.setattr(run_module, "prepare_run", prepared)
+    previous = signal.signal(signum, lambda number, frame: received.append(number))
+    name = f"saved_on_{signal.Signals(signum).name}"
+    try:
+        assert run_training(_config(workspace, name, "training.save_on_signal=true")) == 75
+    finally:
+        signal.signal(signum, previous)
+    assert received == [signum]
+    run_dir = workspace / name / "smoke"
+    assert runs[0].trainer.state.global_step == step
+    assert latest_checkpoint(run_dir) == run_dir / saved
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1]
+
+    assert run_training(_config(workspace, name, "training.save_on_signal=true"), resume=True) == 0
+    assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2", tolerance=1e-6)
+    assert_same_metrics(run_dir, baseline)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from dpo_recipe.cli import main
+from dpo_recipe.data import recorded_pairs
 from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.run import prepare_run
 
@@ -46,7 +47,8 @@ def test_show_data_splits_hold_the_ids_training_uses_and_all_is_every_pair_in_so
         ids = [[record[column] for record in written[split]] for column in ("prompt_ids", "chosen_ids", "rejected_ids")]
         assert ids == [dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]]
     recorded = json.loads((tmp_path / "checkpoints" / "smoke" / "data_indices.json").read_text())
-    assert {split: [record["row"] for record in written[split]] for split in recorded} == recorded
+    for split in ("train", "val", "test"):  # each pair's source and row, as show-data names them
+        assert recorded_pairs(recorded, split) == [(record["source"], record["row"]) for record in written[split]]
 
     every = written["all"]
     assert [record["row"] for record in every] == list(range(24))  # synthetic rows are numbered from 0

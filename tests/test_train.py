@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 from dpo_recipe.cli import main
-from dpo_recipe.data import DataReport, load_text_splits
+from dpo_recipe.data import load_text_splits
 from dpo_recipe.evaluate import RunScorer, dataset_name
+from dpo_recipe.sources import DataReport
 from dpo_recipe.synthetic import synthetic_rows
 from dpo_recipe.rundir import epoch_dirs, eval_file_name, read_metrics
 from dpo_recipe.run import prepare_run, run_training
@@ -310,3 +311,28 @@ def test_the_saved_config_names_the_model_that_was_trained(smoke_config):
     assert reloaded.model.name_or_path is None and reloaded.model.tokenizer == "local-bpe"
     assert reloaded.model.tiny == {"n_layer": 2, "n_embd": 64, "n_head": 2}
     assert describe_model(reloaded.model) == first_line.removeprefix("# model: ")
+
+
+def test_wandb_settings_reach_each_run_alone_and_an_exported_value_wins(monkeypatch):
+    """WANDB_MODE and WANDB_PROJECT come from each run's own config while it trains and are put back afterwards: a
+    second run in the same process (a sweep, a notebook) does not inherit the first's project. A value the user
+    exported is left as it is."""
+    from dpo_recipe.config import LoggingConfig
+    from dpo_recipe.run import wandb_environment
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_PROJECT", "exported")
+    seen = []
+    for project in ("first", "second"):
+        with wandb_environment(LoggingConfig(report_to=["jsonl", "wandb"], wandb_mode="disabled", wandb_project=project)):
+            seen.append((os.environ.get("WANDB_MODE"), os.environ["WANDB_PROJECT"]))
+        assert "WANDB_MODE" not in os.environ and os.environ["WANDB_PROJECT"] == "exported"
+    assert seen == [("disabled", "exported")] * 2
+    monkeypatch.delenv("WANDB_PROJECT")
+    for project in ("first", "second"):
+        with wandb_environment(LoggingConfig(report_to=["wandb"], wandb_project=project)):
+            seen.append(os.environ["WANDB_PROJECT"])
+        assert "WANDB_PROJECT" not in os.environ
+    with wandb_environment(LoggingConfig(report_to=["jsonl"], wandb_project="unused")):
+        assert "WANDB_PROJECT" not in os.environ  # no wandb, no variables
+    assert seen[2:] == ["first", "second"]

@@ -15,7 +15,8 @@ import pytest
 
 from dpo_recipe.cli import main
 from dpo_recipe.config import DataConfig
-from dpo_recipe.data import DataReport, PreferencePair, hh_messages, read_pairs, split_dialogue, tokenize_pairs
+from dpo_recipe.data import tokenize_pairs
+from dpo_recipe.sources import DataReport, PreferencePair, hh_messages, read_pairs, split_dialogue
 from dpo_recipe.synthetic import hh_length_rows, synthetic_rows
 
 from conftest import (

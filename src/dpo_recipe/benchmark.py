@@ -34,7 +34,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .config import DataConfig, LossConfig, RecipeConfig, TrainingConfig
-from .data import DataReport, PreferencePair, read_pairs, split_dialogue, tokenize_pairs
+from .data import tokenize_pairs
+from .sources import DataReport, PreferencePair, read_pairs, split_dialogue
 from .synthetic import hh_length_rows
 
 # The pairs the issue measured; `make bench` runs from the repository root, next to ../shared.

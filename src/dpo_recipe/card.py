@@ -14,15 +14,16 @@ import re
 from pathlib import Path
 
 from .config import RecipeConfig, describe_model
-from .data import CHAT_FORMATS
 from .rundir import (
-    BEST_FILE,
     BEST_LINK,
     DATA_REPORT_FILE,
+    best_label,
+    best_record,
     load_run_config,
     read_metrics,
     trained_format,
 )
+from .sources import CHAT_FORMATS
 
 QUESTION = "How do I bake bread?"
 
@@ -73,7 +74,7 @@ def training_procedure(run_dir: Path, config: RecipeConfig, data_format: str) ->
     report = run_dir / DATA_REPORT_FILE
     pairs = json.loads(report.read_text()).get("pairs", {}) if report.is_file() else {}
     counts = " / ".join(f"{pairs[split]} {split}" for split in ("train", "val", "test") if split in pairs)
-    source = data.source + (f" ({data.subset})" if data.subset else "")
+    source = data.describe()
     loss_text = f"{loss.type}, β {loss.beta:g}"
     if loss.label_smoothing:
         loss_text += f", label smoothing {loss.label_smoothing:g}"
@@ -93,14 +94,19 @@ def training_procedure(run_dir: Path, config: RecipeConfig, data_format: str) ->
         f"ratio {training.warmup_ratio:g}), effective batch {training.effective_batch_size}, {length} configured, "
         f"{len(records)} trained, seed {training.seed}",
     ]
-    best_file = run_dir / BEST_FILE
-    best = json.loads(best_file.read_text()) if best_file.is_file() else None
-    best_record = next((r for r in records if best and r["epoch"] == best["epoch"]), None)
-    if best_record is not None:
+    found = best_record(run_dir)
+    if found is not None and "train" in found[1]:  # an epoch
+        best, record = found
         lines.append(
             f"- **Best epoch**: {best['epoch']} (by {best['metric'].replace('_', ' ')}); validation "
-            f"{_metrics(best_record['val'])}; training loss {best_record['train']['loss']:.4f}. `{BEST_LINK}` links "
+            f"{_metrics(record['val'])}; training loss {record['train']['loss']:.4f}. `{BEST_LINK}` links "
             f"to its checkpoint."
+        )
+    elif found is not None:  # a step checkpoint, validated inside its epoch
+        best, record = found
+        lines.append(
+            f"- **Best checkpoint**: {best_label(best)} (by {best['metric'].replace('_', ' ')}); validation "
+            f"{_metrics(record['val'])}. `{BEST_LINK}` links to it."
         )
     if records:
         lines += ["", "| epoch | step | train loss | val loss | val accuracy | val margin |", "|---|---|---|---|---|---|"]

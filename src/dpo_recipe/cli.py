@@ -266,13 +266,17 @@ def quiet_third_party_output() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards", "Loading weights": per file, per call
+    # `datasets` ("Generating train split" for a dataset directory) reads this when imported; if it already is, tell it.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
     # TRL and PEFT still call the old name internally; nothing the user can change, and it works until v6.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
-    from .data import DataError
+    from .sources import DataError
 
     args = build_parser().parse_args(argv)
     if not getattr(args, "verbose", False):

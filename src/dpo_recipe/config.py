@@ -75,6 +75,25 @@ class ModelConfig:
     quantization: QuantizationConfig | None = None
 
 
+# `data.num_pairs: all` / `data.num_test_pairs: all`: every usable pair.
+ALL_PAIRS = "all"
+
+
+@dataclass
+class MixtureSource:
+    """One entry of `data.mixture`: a source read like `data.source`, contributing a `fraction` of its usable pairs
+    or `num_pairs` of them (a number or `all`) to the train + validation pool."""
+
+    source: str = ""
+    subset: str | None = None
+    config_name: str | None = None
+    split: str = "train"
+    # null: data.format.
+    format: str | None = None
+    fraction: float | None = None
+    num_pairs: int | str | None = None
+
+
 @dataclass
 class DataConfig:
     # A hub dataset id, a local directory laid out like one, a local .jsonl / .json / .parquet / .csv file (.gz
@@ -85,18 +104,38 @@ class DataConfig:
     # A hub dataset's configuration, `load_dataset(source, config_name)` (TRL's `dataset_config`), for example `en`;
     # null: its default. A local directory declares configurations in its README.md, as on the hub.
     config_name: str | None = None
-    # One of DATA_FORMATS; `auto` detects it from the first row's columns (see `dpo_recipe.data`).
+    # One of DATA_FORMATS; `auto` detects it from the first row's columns (see `dpo_recipe.sources`).
     format: str = "auto"
     # A Jinja chat template, or a file holding one, for message formats when the tokenizer has none (or to replace
     # its own).
     chat_template: str | None = None
-    # Test pairs come from this split of a hub dataset; a local file may name a separate test file here.
+    # Test pairs come from this split of a hub dataset; a local file may name a separate test file here. Without
+    # either (a file source), they are carved from data.source. test_split null: a dataset without a test split.
     test_source: str | None = None
     train_split: str = "train"
-    test_split: str = "test"
-    num_pairs: int = 3000
+    test_split: str | None = "test"
+    # Validation pairs from a split of data.source (a hub dataset or dataset directory), or from a source of their own
+    # (a file, or a dataset with val_split), all of their usable pairs; null for both: val_fraction of train + val.
+    val_split: str | None = None
+    val_source: str | None = None
+    # Pairs for train + val, sampled with the seed: a number, or `all` (every usable pair, less any test pairs carved
+    # from the same file). num_test_pairs: a number, `all`, or 0 for no test pairs.
+    num_pairs: int | str = ALL_PAIRS
     val_fraction: float = 0.1
-    num_test_pairs: int = 500
+    num_test_pairs: int | str = ALL_PAIRS
+    # Several sources as the train + val pool (a list of MixtureSource), instead of data.source / train_split /
+    # num_pairs; each names `fraction` or `num_pairs`. Test pairs still come from test_source (or none).
+    mixture: list[MixtureSource] | None = None
+
+    def describe(self) -> str:
+        """The train + val data in words, for reports and model cards."""
+        if self.mixture is None:
+            return self.source + (f" ({self.subset})" if self.subset else "")
+        return " + ".join(
+            entry.source + (f" ({entry.subset})" if entry.subset else "")
+            + (f" (fraction {entry.fraction:g})" if entry.fraction is not None else f" ({entry.num_pairs} pairs)")
+            for entry in self.mixture
+        )
     max_length: int = 256
     # The prompt keeps at least this many of its last tokens; only longer responses are cut from the right.
     min_prompt_tokens: int = 16
@@ -163,9 +202,21 @@ class TrainingConfig:
     max_steps: int | None = None
     # Also validate every this many optimizer steps (into metrics.jsonl and the plots); null: at epoch ends only.
     eval_steps: int | None = None
+    # Also save a `step-<N>/` checkpoint every this many optimizer steps inside an epoch (epoch ends save `epoch-<k>/`
+    # anyway); `--resume` continues from the newest checkpoint of either kind, exactly. With eval_steps it must be a
+    # multiple of eval_steps: every step checkpoint is then validated and can be the best one. null: epoch ends only.
+    save_steps: int | None = None
     # Every epoch's weights (`all`), or only the best and the newest (`best_and_last`). Optimizer state, which only
-    # resuming reads and which is twice the weights, is kept in the newest epoch alone either way.
+    # resuming reads and which is twice the weights, is kept in the newest checkpoint (epoch or step) alone either way.
     keep_epochs: str = "all"
+    # How many `step-<N>/` checkpoints stay: the newest N, plus the best one if it is a step checkpoint. Epoch
+    # checkpoints are governed by keep_epochs alone and never count here; neither key ever deletes the best
+    # checkpoint or the newest one (the one --resume reads). null: every step checkpoint stays.
+    keep_checkpoints: int | None = None
+    # SIGTERM or SIGUSR1 (schedulers send it ahead of a time limit, spot instances SIGTERM) saves a step checkpoint at
+    # the end of the current step, then stops (exit 75 with the resume command), so --resume loses at most that step.
+    # In an epoch's last step it lets the epoch end validate and save instead. false: a signal stops without saving.
+    save_on_signal: bool = False
     # Stop once validation (at epoch ends, by best_metric) has not improved for this many epochs; null: never.
     early_stopping_patience: int | None = None
     logging_steps: int = 10
@@ -455,6 +506,20 @@ def _validate(config: RecipeConfig) -> None:
         ("training.pad_to_multiple_of", (config.training.pad_to_multiple_of or 1) >= 1, "must be >= 1 or null"),
         ("training.max_steps", (config.training.max_steps or 1) >= 1, "must be >= 1 or null"),
         ("training.eval_steps", (config.training.eval_steps or 1) >= 1, "must be >= 1 or null"),
+        ("training.save_steps", (config.training.save_steps or 1) >= 1, "must be >= 1 or null"),
+        (
+            "training.save_steps",
+            not (config.training.save_steps and config.training.eval_steps)
+            or config.training.save_steps % config.training.eval_steps == 0,
+            (f"must be a multiple of training.eval_steps ({config.training.eval_steps}), so that every step "
+             "checkpoint is validated and can be the best one"),
+        ),
+        ("training.keep_checkpoints", (config.training.keep_checkpoints or 1) >= 1, "must be >= 1 or null"),
+        (
+            "training.keep_checkpoints",
+            config.training.keep_checkpoints is None or config.training.save_steps or config.training.save_on_signal,
+            "bounds step checkpoints, which only training.save_steps or training.save_on_signal write: set one of them",
+        ),
         ("training.logging_steps", config.training.logging_steps >= 1, "must be >= 1"),
         ("training.early_stopping_patience", (config.training.early_stopping_patience or 1) >= 1, "must be >= 1 or null"),
         ("training.warmup_ratio", 0 <= config.training.warmup_ratio < 1, "must be in [0, 1)"),
@@ -479,14 +544,6 @@ def _validate(config: RecipeConfig) -> None:
         ),
         ("data.max_length", config.data.max_length >= 16, "must be >= 16"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be in (0, 1)"),
-        ("data.num_pairs", config.data.num_pairs >= 2, "must be >= 2"),
-        # The validation split takes max(1, round(num_pairs * val_fraction)) pairs; training needs the rest.
-        (
-            "data.val_fraction",
-            max(1, round(config.data.num_pairs * config.data.val_fraction)) < config.data.num_pairs,
-            f"leaves no training pairs out of data.num_pairs = {config.data.num_pairs}",
-        ),
-        ("data.num_test_pairs", config.data.num_test_pairs >= 0, "must be >= 0"),
         ("data.config_name", config.data.config_name is None or config.data.config_name.strip() != "", "must be a configuration name or null"),
         (
             "data.chat_template",
@@ -500,6 +557,7 @@ def _validate(config: RecipeConfig) -> None:
         if not ok:
             value = _get(config, key.split("."))
             raise ConfigError(f"{config.origin(key)}: {key} {rule} (got {value!r})")
+    _validate_pair_counts(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key.split("."))
         if value not in allowed:
@@ -547,6 +605,91 @@ def _validate(config: RecipeConfig) -> None:
     # `..` or `.` would make the run directory the output directory's parent or itself, which --overwrite removes.
     if not config.run_name or "/" in config.run_name or config.run_name in (".", ".."):
         raise ConfigError(f"{config.origin('run_name')}: run_name must be a non-empty name without '/' (got {config.run_name!r})")
+
+
+def _check_count(config: RecipeConfig, key: str, value: Any, smallest: int) -> None:
+    if value != ALL_PAIRS and (isinstance(value, bool) or not isinstance(value, int) or value < smallest):
+        rule = f"an integer >= {smallest}" + (" (0: none)" if smallest == 0 else "")
+        raise ConfigError(f"{config.origin(key)}: {key} must be {rule} or `all` (got {value!r})")
+
+
+def _validate_pair_counts(config: RecipeConfig) -> None:
+    """Pair counts, a dataset's own validation and test splits, and the shape of a mixture: whatever the data itself
+    cannot change (how many pairs it holds is checked when it is read)."""
+    data, origin = config.data, config.origin
+    _check_count(config, "data.num_pairs", data.num_pairs, 2)
+    _check_count(config, "data.num_test_pairs", data.num_test_pairs, 0)
+    own_val = data.val_split is not None or data.val_source is not None
+    if isinstance(data.num_pairs, int) and not own_val and max(1, round(data.num_pairs * data.val_fraction)) >= data.num_pairs:
+        # The validation split takes max(1, round(num_pairs * val_fraction)) pairs; training needs the rest.
+        raise ConfigError(
+            f"{origin('data.val_fraction')}: data.val_fraction leaves no training pairs out of data.num_pairs = "
+            f"{data.num_pairs} (got {data.val_fraction})"
+        )
+    if data.source == "synthetic" and ALL_PAIRS in (data.num_pairs, data.num_test_pairs) and data.mixture is None:
+        key = "data.num_pairs" if data.num_pairs == ALL_PAIRS else "data.num_test_pairs"
+        raise ConfigError(f"{origin(key)}: {key} must be a number for data.source synthetic, which makes as many pairs as asked")
+    if data.val_split is not None and data.val_source is None and data.mixture is not None:
+        raise ConfigError(
+            f"{origin('data.val_split')}: data.val_split names a split of data.source, which a mixture has not: "
+            "give the validation source as data.val_source (with data.val_split its split, if it is a dataset)"
+        )
+    if data.mixture is None:
+        return
+    defaults = DataConfig()
+    for key in ("source", "subset", "config_name", "train_split", "num_pairs"):
+        if getattr(data, key) != getattr(defaults, key):
+            raise ConfigError(
+                f"{origin('data.' + key)}: data.{key} ({getattr(data, key)!r}) and data.mixture are both set: each "
+                f"entry of a mixture names its own source, split and fraction or num_pairs; remove data.{key}"
+            )
+    if not data.mixture:
+        raise ConfigError(f"{origin('data.mixture')}: data.mixture must list at least one source, or be null")
+    if data.test_source is None and data.num_test_pairs not in (0, ALL_PAIRS):
+        raise ConfigError(
+            f"{origin('data.num_test_pairs')}: data.num_test_pairs = {data.num_test_pairs} but a mixture's test pairs "
+            "come from data.test_source, which is not set: name one, or set data.num_test_pairs: 0"
+        )
+    for i, entry in enumerate(data.mixture):
+        key = f"data.mixture[{i}]"
+        where = f"{origin('data.mixture')}: {key} ({entry.source or 'no source'})"
+        if not entry.source:
+            raise ConfigError(f"{where}: source must name a hub dataset, a dataset directory or a local file")
+        if (entry.fraction is None) == (entry.num_pairs is None):
+            raise ConfigError(f"{where}: give one of fraction (of its usable pairs) or num_pairs (a number or `all`)")
+        if entry.fraction is not None and not 0 < entry.fraction <= 1:
+            raise ConfigError(f"{where}: fraction must be in (0, 1] (got {entry.fraction})")
+        if entry.num_pairs is not None:
+            _check_count(config, f"{key}.num_pairs", entry.num_pairs, 1)
+        if entry.source == "synthetic" and not isinstance(entry.num_pairs, int):
+            raise ConfigError(f"{where}: give num_pairs a number: synthetic makes as many pairs as asked")
+        if (entry.format or data.format) not in DATA_FORMATS:
+            raise ConfigError(f"{where}: format must be one of {', '.join(DATA_FORMATS)} (got {entry.format!r})")
+    conflict = mixture_format_conflict([(entry.source, entry.format or data.format) for entry in data.mixture])
+    if conflict:
+        raise ConfigError(f"{origin('data.mixture')}: {conflict}")
+
+
+# Formats rendered as plain text; the others are messages, rendered with the chat template.
+TEXT_FORMATS = ("hh-rlhf", "standard", "standard_implicit")
+
+
+def mixture_format_conflict(formats: list[tuple[str, str]]) -> str | None:
+    """Why the (source, format) entries of a mixture cannot be rendered by one tokenizer, or None: text formats are
+    rendered as text, message formats with the chat template; `auto` is not known yet."""
+    first: dict[bool, tuple[int, str]] = {}  # is text -> (index, format) of the first entry of that kind
+    for index, (source, data_format) in enumerate(formats):
+        if data_format == "auto":
+            continue
+        text = data_format in TEXT_FORMATS
+        if (not text) in first:
+            other, other_format = first[not text]
+            return (
+                f"data.mixture[{index}] ({source}): format {data_format} cannot be mixed with {other_format} "
+                f"{'messages' if text else 'text'} of data.mixture[{other}]"
+            )
+        first.setdefault(text, (index, data_format))
+    return None
 
 
 def _get(obj: Any, keys: list[str]) -> Any:

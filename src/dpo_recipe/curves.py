@@ -4,7 +4,6 @@ shows what the run has done so far."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: runs write PNGs, nobody opens a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .rundir import BEST_FILE, read_metrics  # noqa: E402
+from .rundir import best_label, best_record, read_metrics  # noqa: E402
 
 # Each run plot: title, the training metric drawn per logged step, and the validation metrics drawn per evaluation.
 RUN_PLOTS = {
@@ -74,13 +73,10 @@ def validation_curve(run_dir: Path, metric: str) -> tuple[list[float], list[floa
 
 def best_point(run_dir: Path) -> tuple[dict, float, dict] | None:
     """(best.json, its position on the epoch axis, its epoch's validation metrics), or None before there is a best."""
-    path = Path(run_dir) / BEST_FILE
-    if not path.is_file():
+    found = best_record(run_dir)  # an epoch's record, or a step checkpoint's validation
+    if found is None:
         return None
-    best = json.loads(path.read_text())
-    record = next((r for r in read_metrics(run_dir) if r["epoch"] == best["epoch"]), None)
-    if record is None:
-        return None
+    best, record = found
     return best, _position(record, steps_per_epoch(run_dir)), record.get("val", {})
 
 
@@ -104,7 +100,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         if best is not None:
             info, at, _ = best
             axes.axvline(at, color="grey", linestyle="--", linewidth=1,
-                         label=f"best: epoch {info['epoch']} ({info['metric'].replace('_', ' ')})")  # fmt: skip
+                         label=f"best: {best_label(info)} ({info['metric'].replace('_', ' ')})")  # fmt: skip
         axes.set_title(f"{Path(run_dir).name}: {title}")
         axes.set_xlabel("epoch")
         axes.grid(alpha=0.3)

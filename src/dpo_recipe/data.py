@@ -1,482 +1,38 @@
-"""Preference data in every format TRL's DPOTrainer reads: read, validate, split into prompt/responses, sample,
-tokenize, truncate.
+"""Preference pairs sampled into train/val/test splits deterministically from the seed, then tokenized exactly as
+TRL 1.16's DPOTrainer tokenizes them (`encode_pairs`) and truncated the recipe's way (`truncate_pair`).
 
-Formats (`data.format`, detected from the first row's columns when `auto`):
-- `hh-rlhf`: `{chosen, rejected}` transcripts with `\n\nHuman:` / `\n\nAssistant:` turns; the prompt is everything up
-  to the last shared `\n\nAssistant:`.
-- `hh-rlhf-chat`: the same transcripts, turned into user/assistant messages and rendered with the chat template.
-- `standard`: `{prompt, chosen, rejected}` strings.
-- `standard_implicit`: `{chosen, rejected}` strings without hh-rlhf turns; the prompt is their longest common
-  prefix, a trailing space going to the responses (TRL's `extract_prompt` rule).
-- `conversational`: `{prompt, chosen, rejected}` lists of `{role, content}` messages.
-- `conversational_implicit`: `{chosen, rejected}` message lists; the prompt is their shared leading messages. A
-  `prompt` string beside them (UltraFeedback-binarized) is ignored, as TRL's `maybe_extract_prompt` ignores it.
-Other columns are ignored, except `tools` and `chat_template_kwargs`, which chat formats pass to the chat template.
-
-Messages stay messages until tokenization, which renders them with the tokenizer's chat template. Every format is
-tokenized as TRL 1.16's DPOTrainer tokenizes it (`encode_pairs`), then truncated the recipe's way (`truncate_pair`).
-
-Nothing is lost silently: every dropped row is counted by reason (with its first line or row numbers) and every
-truncated pair is counted by kind, in a `DataReport` that the trainer prints and writes to the run directory.
+Rows are read and validated by `dpo_recipe.sources`. Nothing is lost silently: every truncated pair is counted by
+kind in the run's `DataReport`, which the trainer prints and writes to the run directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
-import itertools
+import dataclasses
 import json
-import os
 import random
-import re
-import zlib
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, DataConfig, RecipeConfig
+from .config import ALL_PAIRS, ConfigError, DataConfig, MixtureSource, RecipeConfig, mixture_format_conflict
 from .rundir import DATA_INDICES_FILE, DATA_REPORT_FILE
+from .sources import (
+    SPLITS,
+    TOKENIZATION_NOTES,
+    DataError,
+    DataReport,
+    Messages,
+    PreferencePair,
+    UnknownSplit,
+    _blank,
+    read_pairs,
+    source_kind,
+)
 
 if TYPE_CHECKING:  # `datasets` takes seconds to import; a bad config or data file should fail before that
     from datasets import Dataset
-
-ASSISTANT_MARKER = "\n\nAssistant:"
-HUMAN_MARKER = "\n\nHuman:"
-SYNTHETIC_SOURCE = "synthetic"
-JSON_LINES_SUFFIXES = (".jsonl", ".jsonl.gz")
-JSON_SUFFIXES = (".json", ".json.gz")  # a JSON array, or JSON lines
-TABLE_LOADERS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv"}  # read by `datasets`' own loaders
-LOCAL_SUFFIXES = JSON_LINES_SUFFIXES + JSON_SUFFIXES + tuple(TABLE_LOADERS)
-EXAMPLE_LINES_PER_REASON = 5
-CHAT_FORMATS = ("hh-rlhf-chat", "conversational", "conversational_implicit")
-EXPLICIT_PROMPT_FORMATS = ("standard", "conversational")
-
-DROP_REASONS = {
-    "invalid_utf8": "line is not valid UTF-8",
-    "malformed_json": "line is not a JSON object",
-    "missing_field": "'chosen' or 'rejected' (or the format's 'prompt') is missing",
-    "non_string_field": "'chosen' or 'rejected' (or the format's 'prompt') is not a string",
-    "malformed_messages": "a field is not a list of {role, content} messages with string values",
-    "malformed_template_columns": (
-        "'tools' is not a list (or JSON text of one), or 'chat_template_kwargs' is not a mapping (without "
-        "add_generation_prompt, tokenize or return_dict)"
-    ),
-    "empty_text": "'chosen' or 'rejected' is empty",
-    "empty_prompt": "the prompt (given, or shared by chosen and rejected) is empty",
-    "identical": "chosen equals rejected, or both responses are empty",
-    "no_assistant_marker": "no '\\n\\nAssistant:' marker",
-    "prompt_mismatch": "chosen and rejected have different prompts",
-    "no_response": "chosen or rejected has no message after the shared prompt",
-}
-# Kept, but counted: a rater may prefer saying nothing (hh-rlhf harmless-base has such pairs). As in TRL, the empty
-# response is scored as its end-of-sequence token alone.
-EMPTY_RESPONSE_NOTE = "a response is empty; kept, scored as its end-of-sequence token alone"
-# Where tokenizing prompt + response whole (as TRL does) differs from tokenizing the parts apart; counted per split.
-TOKENIZATION_NOTES = {
-    "prompt_end_left_out": (
-        "the prompt's last tokens change once a response follows (tokens merge across the boundary, or the chat "
-        "template renders the prompt's end differently); as in TRL they are left out of the prompt"
-    ),
-    "eos_text_in_response": "a text response already ends with the end-of-sequence text; as in TRL none is added",
-}
-# Arguments the tokenization step gives the chat template itself; a row's chat_template_kwargs cannot set them.
-TEMPLATE_ARGUMENTS = frozenset({"add_generation_prompt", "tokenize", "return_dict"})
-
-
-class DataError(ValueError):
-    """A data problem that stops the run, worded as one line naming the file (and line)."""
-
-
-class BadRow(ValueError):
-    def __init__(self, reason: str):
-        super().__init__(DROP_REASONS[reason])
-        self.reason = reason
-
-
-Messages = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
-
-
-@dataclass
-class PreferencePair:
-    # 1-based line number of a JSON-lines file; 0-based row index of a table (hub split, parquet, csv, JSON array)
-    index: int
-    # Text, or message lists that the tokenizer's chat template renders (the chat formats).
-    prompt: str | Messages
-    chosen: str | Messages
-    rejected: str | Messages
-    # The row's `tools` and `chat_template_kwargs`, for the chat template (chat formats only, as in TRL).
-    template_kwargs: dict[str, Any] = field(default_factory=dict)
-    # The source as the data report names it: a file, `dataset:split` or `synthetic:split`.
-    source: str = ""
-
-    def texts(self) -> list[str]:
-        """The pair's plain text (message contents for chat formats), for training a tokenizer on it."""
-        return [part if isinstance(part, str) else "\n".join(m.get("content") or "" for m in part)
-                for part in (self.prompt, self.chosen, self.rejected)]  # fmt: skip
-
-
-@dataclass
-class DataReport:
-    """What happened to every row: kept, dropped (by reason) or truncated (by kind)."""
-
-    rows_read: dict[str, int] = field(default_factory=dict)
-    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
-    dropped_examples: dict[str, dict[str, list[int]]] = field(default_factory=dict)
-    truncated: dict[str, dict[str, int]] = field(default_factory=dict)
-    pairs: dict[str, int] = field(default_factory=dict)
-    formats: dict[str, str] = field(default_factory=dict)  # the format each source was read as
-    empty_response_kept: dict[str, int] = field(default_factory=dict)
-    empty_response_examples: dict[str, list[int]] = field(default_factory=dict)
-    # Rows whose `tools` / `chat_template_kwargs` reach the chat template, by source.
-    template_kwargs_rows: dict[str, int] = field(default_factory=dict)
-    # Per split: counts of TOKENIZATION_NOTES.
-    tokenization: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def record_empty_response(self, source: str, index: int) -> None:
-        self.empty_response_kept[source] = self.empty_response_kept.get(source, 0) + 1
-        examples = self.empty_response_examples.setdefault(source, [])
-        if len(examples) < EXAMPLE_LINES_PER_REASON:
-            examples.append(index)
-
-    def record_drop(self, source: str, reason: str, index: int) -> None:
-        counts = self.dropped.setdefault(source, defaultdict(int))
-        counts[reason] += 1
-        examples = self.dropped_examples.setdefault(source, defaultdict(list))
-        if len(examples[reason]) < EXAMPLE_LINES_PER_REASON:
-            examples[reason].append(index)
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self.__dict__))
-
-    def summary_lines(self) -> list[str]:
-        lines = []
-        for source, read in self.rows_read.items():
-            dropped = self.dropped.get(source, {})
-            lines.append(f"{source}: {read} rows read, {sum(dropped.values())} dropped")
-            lines.append(f"  format  {self.formats.get(source, 'hh-rlhf')}")
-            for reason, count in sorted(dropped.items()):
-                where = ", ".join(map(str, self.dropped_examples[source][reason]))
-                lines.append(f"  dropped {count:>5}  {reason}: {DROP_REASONS[reason]} (first at {where})")
-            if self.empty_response_kept.get(source):
-                where = ", ".join(map(str, self.empty_response_examples[source]))
-                count = self.empty_response_kept[source]
-                lines.append(f"  kept    {count:>5}  empty_response: {EMPTY_RESPONSE_NOTE} (first at {where})")
-            if self.template_kwargs_rows.get(source):
-                count = self.template_kwargs_rows[source]
-                lines.append(f"  kept    {count:>5}  with tools or chat_template_kwargs, passed to the chat template")
-        for split, kinds in self.truncated.items():
-            parts = ", ".join(f"{kind} {count}" for kind, count in kinds.items())
-            lines.append(f"{split}: {self.pairs.get(split, 0)} pairs; truncated: {parts}")
-            for note, count in self.tokenization.get(split, {}).items():
-                lines.append(f"  {note} {count}: {TOKENIZATION_NOTES[note]}")
-        return lines
-
-
-def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Split an hh-rlhf pair into (prompt, chosen_response, rejected_response).
-
-    The prompt is the text up to and including the last '\\n\\nAssistant:' that both sides share.
-    """
-    if not chosen.strip() or not rejected.strip():
-        raise BadRow("empty_text")
-    if chosen == rejected:
-        raise BadRow("identical")
-    if ASSISTANT_MARKER not in chosen or ASSISTANT_MARKER not in rejected:
-        raise BadRow("no_assistant_marker")
-    shared = os.path.commonprefix([chosen, rejected])
-    end = shared.rfind(ASSISTANT_MARKER)
-    if end < 0:
-        raise BadRow("prompt_mismatch")
-    end += len(ASSISTANT_MARKER)
-    prompt, chosen_response, rejected_response = chosen[:end], chosen[end:], rejected[end:]
-    if HUMAN_MARKER in chosen_response or HUMAN_MARKER in rejected_response:
-        # The two sides diverge before their last turn: they answer different conversations.
-        raise BadRow("prompt_mismatch")
-    if not chosen_response.strip() and not rejected_response.strip():
-        raise BadRow("identical")  # two empty answers: nothing to prefer
-    # One empty (or whitespace-only) response is kept as "": tokenized, it is the end-of-sequence token alone.
-    return prompt, _empty_if_blank(chosen_response), _empty_if_blank(rejected_response)
-
-
-def _empty_if_blank(response: str) -> str:
-    return response if response.strip() else ""
-
-
-def hh_messages(dialogue: str) -> Messages:
-    """hh-rlhf turns as chat messages: "\\n\\nHuman: a\\n\\nAssistant: b" -> user a, assistant b.
-
-    A trailing empty "\\n\\nAssistant:" (a prompt's generation cue) is left to the chat template's generation prompt.
-    """
-    parts = re.split(r"\n\n(Human|Assistant):", dialogue)
-    messages = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()
-    return messages
-
-
-def _split_hh_chat(chosen: str, rejected: str) -> tuple[Messages, Messages, Messages]:
-    prompt, chosen_response, rejected_response = split_dialogue(chosen, rejected)
-    return (hh_messages(prompt), [{"role": "assistant", "content": chosen_response.strip()}],
-            [{"role": "assistant", "content": rejected_response.strip()}])  # fmt: skip
-
-
-def _split_standard(prompt: str, chosen: str, rejected: str) -> tuple[str, str, str]:
-    if not prompt.strip():
-        raise BadRow("empty_prompt")
-    if chosen == rejected or not (chosen.strip() or rejected.strip()):
-        raise BadRow("identical")
-    return prompt, chosen, rejected  # verbatim, as TRL tokenizes them: a blank response keeps its whitespace
-
-
-def _split_standard_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
-    from trl.data_utils import common_prefix_length
-
-    if not chosen.strip() or not rejected.strip():
-        raise BadRow("empty_text")
-    if chosen == rejected:
-        raise BadRow("identical")
-    end = common_prefix_length(chosen, rejected)
-    if end and chosen[end - 1] == " ":  # as TRL's extract_prompt: the space before the responses is theirs
-        end -= 1
-    return _split_standard(chosen[:end], chosen[end:], rejected[end:])
-
-
-def read_messages(value: Any) -> Messages:
-    """Messages with a string role and content (a message carrying `tool_calls` may have no content)."""
-    ok = isinstance(value, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str)
-        and (isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls")))
-        for m in value
-    )  # fmt: skip
-    if not ok:
-        raise BadRow("malformed_messages")
-    # Keys set to None are left out: a hub column of structs gives every message every key any message has (None
-    # where it had none), which a chat template testing `is defined` would render.
-    return [{key: item for key, item in m.items() if item is not None} for m in value]
-
-
-def _blank(response: str | Messages) -> bool:
-    if isinstance(response, str):
-        return not response.strip()
-    return all(not (m.get("content") or "").strip() for m in response)
-
-
-def _split_conversational(prompt: Messages, chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
-    if not prompt:
-        raise BadRow("empty_prompt")
-    if not chosen or not rejected:
-        raise BadRow("no_response")
-    if chosen == rejected or (_blank(chosen) and _blank(rejected)):
-        raise BadRow("identical")
-    return prompt, chosen, rejected
-
-
-def _split_conversational_implicit(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
-    from trl.data_utils import common_prefix_length
-
-    if chosen == rejected:
-        raise BadRow("identical")
-    end = common_prefix_length(chosen, rejected)
-    return _split_conversational(chosen[:end], chosen[end:], rejected[end:])
-
-
-SPLITTERS = {
-    "hh-rlhf": split_dialogue,
-    "hh-rlhf-chat": _split_hh_chat,
-    "standard": _split_standard,
-    "standard_implicit": _split_standard_implicit,
-    "conversational": _split_conversational,
-    "conversational_implicit": _split_conversational_implicit,
-}
-
-
-def detect_format(row: Any) -> str | None:
-    """The format a row's columns and types say it is in; None for a row that says nothing (not an object).
-
-    As TRL's `maybe_extract_prompt`: a `prompt` of another kind than the responses (UltraFeedback-binarized's
-    string beside conversations) is not the prompt; the responses' shared beginning is.
-    """
-    if not isinstance(row, dict) or "chosen" not in row:
-        return None
-    chat = isinstance(row["chosen"], list)
-    if "prompt" in row and isinstance(row["prompt"], list) == chat:
-        return "conversational" if chat else "standard"
-    if chat:
-        return "conversational_implicit"
-    return "hh-rlhf" if isinstance(row["chosen"], str) and ASSISTANT_MARKER in row["chosen"] else "standard_implicit"
-
-
-def _template_kwargs(row: dict) -> dict[str, Any]:
-    """A row's `tools` (a list, or JSON text of one) and `chat_template_kwargs`, merged as TRL merges them."""
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            raise BadRow("malformed_template_columns") from None
-    extra = row.get("chat_template_kwargs") or {}
-    if (tools is not None and not isinstance(tools, list)) or not isinstance(extra, dict) or TEMPLATE_ARGUMENTS & extra.keys():
-        raise BadRow("malformed_template_columns")
-    return ({"tools": tools} if tools is not None else {}) | extra
-
-
-def _parse_row(row: Any, data_format: str, index: int, source: str) -> PreferencePair:
-    if not isinstance(row, dict):
-        raise BadRow("malformed_json")
-    keys = ("prompt", "chosen", "rejected") if data_format in EXPLICIT_PROMPT_FORMATS else ("chosen", "rejected")
-    if any(key not in row for key in keys):
-        raise BadRow("missing_field")
-    template_kwargs = {}
-    if data_format in ("conversational", "conversational_implicit"):
-        values = [read_messages(row[key]) for key in keys]
-        template_kwargs = _template_kwargs(row)
-    elif all(isinstance(row[key], str) for key in keys):
-        values = [row[key] for key in keys]
-    else:
-        raise BadRow("non_string_field")
-    return PreferencePair(index, *SPLITTERS[data_format](*values), template_kwargs=template_kwargs, source=source)
-
-
-def _local_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed JSON or a BadRow) for each non-blank line of a .jsonl / .jsonl.gz file."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield line_number, BadRow("invalid_utf8")
-                    continue
-                try:
-                    yield line_number, json.loads(text)
-                except json.JSONDecodeError:
-                    yield line_number, BadRow("malformed_json")
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path}: cannot be read as {'gzip ' if opener is gzip.open else ''}JSONL ({error})") from None
-
-
-def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """A .json file holding one JSON array (rows numbered from 0), or JSON lines (numbered by line)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as handle:
-            head = handle.read(4096).lstrip()
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path}: cannot be read as {'gzip ' if opener is gzip.open else ''}JSON ({error})") from None
-    if not head.startswith(b"["):
-        yield from _local_rows(path)
-        return
-    with opener(path, "rb") as handle:
-        try:
-            rows = json.loads(handle.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DataError(f"{path}: not a valid JSON array ({error})") from None
-    yield from enumerate(rows)
-
-
-def _load_error(what: str, error: BaseException) -> DataError:
-    while error.__cause__ is not None and not str(error).strip(" ."):
-        error = error.__cause__
-    if "error occurred while generating the dataset" in str(error) and error.__cause__ is not None:
-        error = error.__cause__  # `datasets` wraps the reader's own error, which says what is wrong
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return DataError(f"{what} could not be loaded: {message}")
-
-
-def _table_rows(path: Path, loader: str) -> Iterator[tuple[int, Any]]:
-    from datasets import load_dataset
-
-    # An empty CSV cell is an empty string (an empty response), not a missing value.
-    options = {"keep_default_na": False} if loader == "csv" else {}
-    try:
-        dataset = load_dataset(loader, data_files=str(path), split="train", **options)
-    except Exception as error:  # noqa: BLE001 - pyarrow and pandas raise many types; the user needs one line
-        raise _load_error(f"{path} ({loader})", error) from None
-    yield from enumerate(dataset)
-
-
-def _hub_rows(source: str, config: DataConfig, split: str) -> Iterator[tuple[int, Any]]:
-    """A hub dataset, or a local directory laid out like one (e.g. harmless-base/train.jsonl.gz, or configurations
-    declared in its README.md): the same call, with the configuration (`data.config_name`) and `data_dir`
-    (`data.subset`)."""
-    from datasets import load_dataset
-
-    configuration = f" configuration {config.config_name!r}" if config.config_name else ""
-    try:
-        dataset = load_dataset(source, name=config.config_name, data_dir=config.subset, split=split)
-    except Exception as error:  # noqa: BLE001 - the hub raises many types; the user needs one line
-        raise _load_error(f"dataset {source!r}{configuration} (split {split!r})", error) from None
-    yield from enumerate(dataset)
-
-
-def _resolve_format(rows: Iterator[tuple[int, Any]], forced: str) -> tuple[str, Iterator[tuple[int, Any]]]:
-    """The forced format, or the one the first row that says anything is in (hh-rlhf when none does)."""
-    if forced != "auto":
-        return forced, rows
-    seen = []
-    for index, row in rows:
-        seen.append((index, row))
-        detected = detect_format(row)
-        if detected is not None:
-            return detected, itertools.chain(seen, rows)
-    return "hh-rlhf", iter(seen)
-
-
-def read_pairs(source: str, split: str, config: DataConfig, report: DataReport) -> list[PreferencePair]:
-    """Read every row of a source, keeping valid pairs and recording each dropped row by reason."""
-    kind = source_kind(source)
-    if kind == "synthetic":
-        from .synthetic import synthetic_rows
-
-        rows = enumerate(synthetic_rows(split, config.num_pairs + config.num_test_pairs, seed=0))
-        name = f"synthetic:{split}"
-    elif kind == "file":
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(f"{source}: data file not found")
-        loader = next((TABLE_LOADERS[suffix] for suffix in TABLE_LOADERS if source.endswith(suffix)), None)
-        rows = _table_rows(path, loader) if loader else _json_rows(path) if source.endswith(JSON_SUFFIXES) else _local_rows(path)
-        name = str(path)
-    else:
-        rows = _hub_rows(source, config, split)
-        name = f"{source}:{split}"
-
-    data_format, rows = _resolve_format(rows, config.format)
-    report.formats[name] = data_format
-    pairs, read = [], 0
-    for index, row in rows:
-        read += 1
-        try:
-            if isinstance(row, BadRow):
-                raise row
-            pair = _parse_row(row, data_format, index, name)
-        except BadRow as bad:
-            if config.strict:
-                raise DataError(f"{name}:{index}: {DROP_REASONS[bad.reason]} (strict mode)") from None
-            report.record_drop(name, bad.reason, index)
-            continue
-        if _blank(pair.chosen) or _blank(pair.rejected):
-            report.record_empty_response(name, index)
-        if pair.template_kwargs:
-            report.template_kwargs_rows[name] = report.template_kwargs_rows.get(name, 0) + 1
-        pairs.append(pair)
-    report.rows_read[name] = read
-    if read == 0:
-        raise DataError(f"{name}: no rows (the file is empty)")
-    if not pairs:
-        reasons = ", ".join(sorted(report.dropped.get(name, {})))
-        raise DataError(
-            f"{name}: none of its {read} rows is a usable preference pair in the {data_format} format ({reasons}); "
-            f"set data.format if it is in another"
-        )
-    return pairs
 
 
 @dataclass
@@ -484,51 +40,173 @@ class TextSplits:
     train: list[PreferencePair]
     val: list[PreferencePair]
     test: list[PreferencePair]
-    # Every usable pair read (the source's, then a separate test source's), in source order, sampled or not.
+    # Every usable pair read (each train source's, then a test and a validation source's), in source order.
     all: list[PreferencePair] = field(default_factory=list)
 
-    def indices(self) -> dict[str, list[int]]:
-        return {name: [pair.index for pair in getattr(self, name)] for name in ("train", "val", "test")}
+    def indices(self) -> dict[str, Any]:
+        """data_indices.json: each split's rows (line numbers, or row indices of a table) and, pair by pair, the
+        source each came from, as a position in `sources`."""
+        sources = list(dict.fromkeys(pair.source for split in SPLITS for pair in getattr(self, split)))
+        position = {source: i for i, source in enumerate(sources)}
+        rows = {split: [pair.index for pair in getattr(self, split)] for split in SPLITS}
+        of_pairs = {split: [position[pair.source] for pair in getattr(self, split)] for split in SPLITS}
+        return rows | {"sources": sources, "pair_sources": of_pairs}
+
+
+def recorded_pairs(indices: dict[str, Any], split: str) -> list:
+    """A split's pairs in data_indices.json as (source, row); rows alone in a file written before sources were."""
+    rows = indices.get(split) or []
+    if "pair_sources" not in indices:
+        return rows
+    return [(indices["sources"][source], row) for source, row in zip(indices["pair_sources"][split], rows)]
+
+
+def _read(source: str, split: str | None, config: DataConfig, report: DataReport, config_file: str, key: str):
+    """read_pairs, with a split the dataset lacks named by the config key that asked for it."""
+    try:
+        return read_pairs(source, split, config, report)
+    except UnknownSplit as error:
+        raise DataError(
+            f"{config_file}: {key} {error.split!r} is not a split of dataset {error.dataset} (its splits: "
+            f"{', '.join(error.splits)})"
+        ) from None
+
+
+def _train_sources(config: DataConfig) -> list[tuple[str, MixtureSource]]:
+    """(config key, entry) of each train + val source: the mixture's, or data.source as a mixture of one."""
+    if config.mixture is not None:
+        return [(f"data.mixture[{i}]", entry) for i, entry in enumerate(config.mixture)]
+    return [("data", MixtureSource(
+        source=config.source, subset=config.subset, config_name=config.config_name, split=config.train_split,
+        format=config.format, num_pairs=config.num_pairs,
+    ))]  # fmt: skip
+
+
+def _pair_count(key: str, entry: MixtureSource, available: int, carved: int | str, source: str, config_file: str) -> int:
+    """How many of a source's `available` usable pairs go to train + val; `carved` test pairs come from it too."""
+    if entry.fraction is not None:
+        count = round(entry.fraction * available)
+        if count < 1:
+            raise DataError(
+                f"{config_file}: {key}.fraction {entry.fraction} of the {available} usable pairs of {source} is no pair"
+            )
+        return count
+    reserved = carved if isinstance(carved, int) else 0
+    count = available - reserved if entry.num_pairs == ALL_PAIRS else entry.num_pairs
+    if count + reserved > available:
+        what = f"{key}.num_pairs" + (" + data.num_test_pairs" if reserved else "")
+        raise DataError(f"{config_file}: {what} = {count + reserved} but {source} has only {available} usable pairs")
+    return count
 
 
 def load_text_splits(config: DataConfig, seed: int, report: DataReport, config_file: str = "config") -> TextSplits:
-    """Sample train/val/test pairs deterministically from the seed."""
-    if config.config_name is not None and source_kind(config.source) != "dataset":
-        raise ConfigError(
-            f"data.config_name {config.config_name!r} names a configuration of a hub dataset (or of a directory laid "
-            f"out like one), but data.source {config.source!r} is not one"
-        )
+    """Sample train/val/test pairs deterministically from the seed.
+
+    Train + val come from data.source (or each source of data.mixture, shuffled together); validation is
+    data.val_fraction of them, unless data.val_split / data.val_source give it a source of its own (all its pairs).
+    Test pairs come from data.test_source or the dataset's test split, or are carved from a file source.
+    """
     rng = random.Random(seed)
-    pool = read_pairs(config.source, config.train_split, config, report)
+    mixture = config.mixture is not None
     # A hub dataset (or a directory laid out like one) has a test split; a file's test pairs are carved from it.
-    separate_test = config.test_source is not None or source_kind(config.source) == "dataset"
-    needed = config.num_pairs + (0 if separate_test else config.num_test_pairs)
-    if needed > len(pool):
-        what = "data.num_pairs" if separate_test else "data.num_pairs + data.num_test_pairs"
-        raise DataError(f"{config_file}: {what} = {needed} but {config.source} has only {len(pool)} usable pairs")
-    chosen = rng.sample(range(len(pool)), needed)
-    if separate_test:
-        test_pool = read_pairs(config.test_source or config.source, config.test_split, config, report)
-        if config.num_test_pairs > len(test_pool):
-            raise DataError(
-                f"{config_file}: data.num_test_pairs = {config.num_test_pairs} but the test source has only "
-                f"{len(test_pool)} usable pairs"
+    carve_test = not mixture and config.test_source is None and source_kind(config.source) != "dataset"
+    carved = config.num_test_pairs if carve_test else 0
+    train_val, test, pools, formats = [], [], [], []
+    for key, entry in _train_sources(config):
+        if entry.config_name is not None and source_kind(entry.source) != "dataset":
+            raise ConfigError(
+                f"{key}.config_name {entry.config_name!r} names a configuration of a hub dataset (or of "
+                f"a directory laid out like one), but {key}.source {entry.source!r} is not one"
             )
-        test = [test_pool[i] for i in rng.sample(range(len(test_pool)), config.num_test_pairs)]
-    else:
-        test_pool, test = [], [pool[i] for i in chosen[config.num_pairs :]]
-    train_val = [pool[i] for i in chosen[: config.num_pairs]]
-    num_val = max(1, round(config.num_pairs * config.val_fraction))
-    return TextSplits(train=train_val[num_val:], val=train_val[:num_val], test=test, all=pool + test_pool)
+        read_as = dataclasses.replace(
+            config, source=entry.source, subset=entry.subset, config_name=entry.config_name,
+            format=entry.format or config.format, num_pairs=entry.num_pairs, num_test_pairs=carved, mixture=None,
+        )  # fmt: skip
+        pool = _read(entry.source, entry.split, read_as, report, config_file, f"{key}.split" if mixture else "data.train_split")
+        name = pool[0].source
+        formats.append((entry.source, report.formats[name]))
+        conflict = mixture_format_conflict(formats)
+        if conflict:
+            raise DataError(f"{config_file}: {conflict}")
+        if carved == ALL_PAIRS and entry.num_pairs == ALL_PAIRS:
+            raise DataError(
+                f"{config_file}: data.num_pairs and data.num_test_pairs are both `all`, but the test pairs of a file are "
+                f"carved from data.source: give one of them a number, or name a data.test_source"
+            )
+        count = _pair_count(key, entry, len(pool), carved, name, config_file)
+        num_test = len(pool) - count if carved == ALL_PAIRS else carved
+        chosen = rng.sample(range(len(pool)), count + num_test)
+        train_val += [pool[i] for i in chosen[:count]]
+        test += [pool[i] for i in chosen[count:]]
+        how = f"{key}.fraction {entry.fraction}" if entry.fraction is not None else f"{key}.num_pairs {entry.num_pairs}"
+        carving = f", data.num_test_pairs {config.num_test_pairs} carved from it" if carve_test and num_test else ""
+        report.selection[name] = f"{count + num_test} of its {len(pool)} usable pairs: {how}{carving}"
+        pools += pool
+    if config.num_test_pairs != 0 and not carve_test:
+        test = _read_test_pairs(config, rng, report, config_file, pools)
+    if mixture:
+        rng.shuffle(train_val)
+    val = _read_validation_pairs(config, report, config_file, pools)
+    if val is None:
+        num_val = max(1, round(len(train_val) * config.val_fraction))
+        if num_val >= len(train_val):
+            raise DataError(
+                f"{config_file}: data.val_fraction {config.val_fraction} leaves no training pairs out of the "
+                f"{len(train_val)} train + val pairs"
+            )
+        val, train_val = train_val[:num_val], train_val[num_val:]
+    splits = TextSplits(train=train_val, val=val, test=test, all=pools)
+    for name in report.selection:  # in the order the sources were read
+        report.pairs_by_source.setdefault(name, dict.fromkeys(SPLITS, 0))
+    for split in SPLITS:
+        for pair in getattr(splits, split):
+            counts = report.pairs_by_source.setdefault(pair.source, dict.fromkeys(SPLITS, 0))
+            counts[split] += 1
+    return splits
 
 
-def source_kind(source: str) -> str:
-    """`synthetic`, a local `file`, or a `dataset`: a hub id or a local directory laid out like a hub dataset."""
-    if source == SYNTHETIC_SOURCE:
-        return "synthetic"
-    if source.endswith(LOCAL_SUFFIXES) or Path(source).is_file():
-        return "file"
-    return "dataset"
+def _read_test_pairs(config: DataConfig, rng: random.Random, report: DataReport, config_file: str, pools: list) -> list:
+    """`num_test_pairs` sampled from data.test_source, or from data.source's test split; none where there is neither."""
+    source = config.test_source or (None if config.mixture is not None else config.source)
+    no_split = config.test_split is None and source is not None and source_kind(source) == "dataset"
+    if source is None or no_split:
+        if config.num_test_pairs != ALL_PAIRS:
+            missing = "data.test_split" if source else "data.test_source (a mixture's test pairs come from a source of their own)"
+            raise DataError(
+                f"{config_file}: data.num_test_pairs = {config.num_test_pairs} but there is no test split: set "
+                f"{missing}, or data.num_test_pairs: 0"
+            )
+        return []
+    test_pool = _read(source, config.test_split, config, report, config_file, "data.test_split")
+    count = len(test_pool) if config.num_test_pairs == ALL_PAIRS else config.num_test_pairs
+    if count > len(test_pool):
+        raise DataError(
+            f"{config_file}: data.num_test_pairs = {count} but the test source has only {len(test_pool)} usable pairs"
+        )
+    test = [test_pool[i] for i in rng.sample(range(len(test_pool)), count)]
+    how = f"data.num_test_pairs {config.num_test_pairs}"
+    report.selection[test_pool[0].source] = f"{count} of its {len(test_pool)} usable pairs: {how}"
+    pools += test_pool
+    return test
+
+
+def _read_validation_pairs(config: DataConfig, report: DataReport, config_file: str, pools: list) -> list | None:
+    """Every usable pair of data.val_source or data.val_split; None when validation is carved from train + val."""
+    if config.val_source is None and config.val_split is None:
+        return None
+    source = config.val_source or config.source
+    if source_kind(source) == "dataset" and config.val_split is None:
+        raise DataError(f"{config_file}: data.val_source {source!r} is a dataset: name its split in data.val_split")
+    if config.val_source is None and source_kind(source) != "dataset":
+        raise DataError(
+            f"{config_file}: data.val_split names a split of a dataset, but data.source {source!r} is a file: give "
+            f"the validation file as data.val_source"
+        )
+    key = "data.val_split" if config.val_split is not None else "data.val_source"
+    val = _read(source, config.val_split, config, report, config_file, key)
+    report.selection[val[0].source] = f"all {len(val)} usable pairs: {key}"
+    pools += val
+    return val
 
 
 def truncate_pair(

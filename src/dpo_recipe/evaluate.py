@@ -30,19 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import ConfigError, DataConfig, LossConfig, ModelConfig, RecipeConfig, check_loss_import, looks_like_local_path
-from .data import (
-    ASSISTANT_MARKER,
-    CHAT_FORMATS,
-    HUMAN_MARKER,
-    BadRow,
-    DataError,
-    DataReport,
-    PreferencePair,
-    load_text_splits,
-    read_messages,
-    read_pairs,
-    tokenize_pairs,
-)
+from .data import load_text_splits, recorded_pairs, tokenize_pairs
 from .hub import check_hub_access
 from .loss import resolve_loss
 from .models import build_model, dequantized, load_tokenizer, model_fingerprint, resolve_precision
@@ -66,6 +54,17 @@ from .rundir import (
     scoring_settings,
     trained_format,
     write_scoring_settings,
+)
+from .sources import (
+    ASSISTANT_MARKER,
+    CHAT_FORMATS,
+    HUMAN_MARKER,
+    BadRow,
+    DataError,
+    DataReport,
+    PreferencePair,
+    read_messages,
+    read_pairs,
 )
 
 if TYPE_CHECKING:
@@ -280,12 +279,14 @@ class RunScorer:
         splits = load_text_splits(self.config.data, self.config.training.seed, report, self.config_file)
         indices_file = self.run_dir / DATA_INDICES_FILE
         if indices_file.is_file():
-            recorded = json.loads(indices_file.read_text()).get("test")
-            rebuilt = [pair.index for pair in splits.test]
-            if recorded is not None and recorded != rebuilt:
+            recorded, rebuilt = json.loads(indices_file.read_text()), splits.indices()
+            if "pair_sources" not in recorded:  # written before each pair's source was: rows alone
+                del rebuilt["pair_sources"]
+            if recorded.get("test") is not None and recorded_pairs(recorded, "test") != recorded_pairs(rebuilt, "test"):
+                source = self.config.data.test_source or self.config.data.source
                 raise DataError(
-                    f"{indices_file}: the test pairs rebuilt from {self.config.data.source} are not the ones training "
-                    f"recorded ({len(rebuilt)} vs {len(recorded)} pairs; did the data change?)"
+                    f"{indices_file}: the test pairs rebuilt from {source} are not the ones training recorded "
+                    f"({len(splits.test)} vs {len(recorded['test'])} pairs; did the data change?)"
                 )
         return splits.test
 
@@ -293,7 +294,7 @@ class RunScorer:
         """Every usable pair of a dataset named on the command line (a hub dataset's test split); drops are printed."""
         data = dataclasses.replace(self.config.data, source=source, test_source=None)
         check_hub_access(dataclasses.replace(self.config, data=data), models=False)
-        pairs = read_pairs(source, data.test_split, data, report)
+        pairs = read_pairs(source, data.test_split or "test", data, report)
         for line in report.summary_lines():
             print(line, flush=True)
         return pairs
@@ -374,8 +375,12 @@ class RunEvaluator:
             self.dataset_name = dataset_name(data_source)
             pairs = self.scorer.read_pairs(data_source, self.report)
         if not pairs:
-            raise DataError(f"{self.scorer.config_file}: no {self.dataset_name} pairs to evaluate (data.num_test_pairs is 0)")
-        self.data_source = data_source or f"{self.scorer.config.data.source} (test split of the run)"
+            raise DataError(
+                f"{self.scorer.config_file}: no {self.dataset_name} pairs to evaluate (data.num_test_pairs is 0, or "
+                "the run had no test source)"
+            )
+        data = self.scorer.config.data
+        self.data_source = data_source or f"{data.test_source or data.source} (test split of the run)"
         self.dataset = self.scorer.tokenize(pairs, self.dataset_name, self.report)
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reference_cache_file: Path | None = None

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
-from .data import HUMAN_MARKER, DataError, DataReport, encode_pairs
+from .data import encode_pairs
 from .evaluate import load_reference_model, rank_pair, read_prompts, scorer_for
+from .sources import HUMAN_MARKER, DataError, DataReport
 
 
 @dataclass

@@ -36,7 +36,13 @@ def hub_names(config: RecipeConfig, models: bool = True, data: bool = True) -> l
     if models:
         named += [(key, name, "model") for key, name in (("model.name_or_path", config.model.name_or_path), ("model.tokenizer", config.model.tokenizer))]
     if data:
-        named += [(key, name, "dataset") for key, name in (("data.source", config.data.source), ("data.test_source", config.data.test_source))]
+        data_config = config.data
+        sources = [("data.test_source", data_config.test_source), ("data.val_source", data_config.val_source)]
+        if data_config.mixture is None:
+            sources.insert(0, ("data.source", data_config.source))
+        else:
+            sources += [(f"data.mixture[{i}].source", entry.source) for i, entry in enumerate(data_config.mixture)]
+        named += [(key, name, "dataset") for key, name in sources]
     # `data.source: foo.jsonl` that does not exist is a missing file, which data loading reports; not a hub id.
     return [(key, name, kind) for key, name, kind in named if is_hub_name(name) and not name.endswith((".jsonl", ".gz", ".json"))]
 

@@ -14,7 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import ConfigError, RecipeConfig, describe_model  # noqa: E402
 from .evaluate import markdown_table  # noqa: E402
-from .rundir import BEST_FILE, TEST_DATASET, eval_file_name, find_runs, load_run_config, read_metrics  # noqa: E402
+from .rundir import (  # noqa: E402
+    TEST_DATASET, best_label, best_record, eval_file_name, find_runs, load_run_config, read_metrics,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sweep report: several runs side by side, from their metrics.jsonl, best.json and eval JSON.
@@ -41,6 +43,8 @@ class RunSummary:
     config: RecipeConfig
     records: list[dict]
     best: dict | None
+    # The metrics.jsonl record best.json was chosen from: an epoch's, or a validated step checkpoint's.
+    best_record: dict | None
     test: dict | None
     pairs: dict[str, int]
 
@@ -55,11 +59,6 @@ class RunSummary:
     def val(self, metric: str) -> list[float]:
         return [r["val"].get(metric, float("nan")) for r in self.records]
 
-    def best_record(self) -> dict | None:
-        if self.best is None:
-            return None
-        return next((r for r in self.records if r["epoch"] == self.best["epoch"]), None)
-
 
 def overfitting_onset(epochs: list[int], val_losses: list[float]) -> int | None:
     """The first epoch k after which val loss rose (val_loss[k+1] > val_loss[k]); None if it never rose."""
@@ -72,13 +71,12 @@ def overfitting_onset(epochs: list[int], val_losses: list[float]) -> int | None:
 def summarize_run(run_dir: Path, dataset: str = TEST_DATASET) -> RunSummary:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    best_file = run_dir / BEST_FILE
-    best = json.loads(best_file.read_text()) if best_file.is_file() else None
+    best, record = best_record(run_dir) or (None, None)
     test_file = run_dir / best["checkpoint"] / eval_file_name(dataset) if best else None
     test = json.loads(test_file.read_text()) if test_file is not None and test_file.is_file() else None
     data_report = run_dir / "data_report.json"
     pairs = json.loads(data_report.read_text()).get("pairs", {}) if data_report.is_file() else {}
-    return RunSummary(run_dir.name, run_dir, config, read_metrics(run_dir), best, test, pairs)
+    return RunSummary(run_dir.name, run_dir, config, read_metrics(run_dir), best, record, test, pairs)
 
 
 def _model_description(config: RecipeConfig) -> str:
@@ -107,8 +105,7 @@ def sweep_table(runs: list[RunSummary]) -> str:
                "test loss", "test acc [95% CI]", "test ties", "test margin [95% CI]", "overfitting onset"]  # fmt: skip
     rows = []
     for run in runs:
-        best = run.best_record()
-        val = best["val"] if best else {}
+        val = run.best_record["val"] if run.best_record else {}
         onset = overfitting_onset(run.epochs, run.val("loss"))
         rows.append(
             [
@@ -116,7 +113,7 @@ def sweep_table(runs: list[RunSummary]) -> str:
                 f"{run.config.loss.beta:g}",
                 f"{run.config.training.learning_rate:g}",
                 f"{len(run.records)}/{run.config.training.num_epochs}",
-                f"{run.best['epoch']} ({run.best['metric'].replace('_', ' ')})" if run.best else "—",
+                f"{best_label(run.best).removeprefix('epoch ')} ({run.best['metric'].replace('_', ' ')})" if run.best else "—",
                 _format(val.get("loss"), 4),
                 _format(val.get("accuracy")),
                 _format(val.get("margin")),
@@ -135,7 +132,7 @@ def setup_table(runs: list[RunSummary]) -> str:
         [
             run.name,
             _model_description(run.config),
-            run.config.data.source,
+            run.config.data.describe(),
             "/".join(str(run.pairs.get(split, "?")) for split in ("train", "val", "test")),
             run.config.loss.type + (f" (label smoothing {run.config.loss.label_smoothing:g})" if run.config.loss.label_smoothing else ""),
             run.config.training.effective_batch_size,
@@ -164,10 +161,9 @@ def plot_sweep_curves(runs: list[RunSummary], report: Path) -> list[Path]:
             values = run.val(metric)
             all_values += [v for v in values if v == v]
             axes.plot(run.epochs, values, marker="o", color=colors[run.name], label=run.label)
-            if run.best is not None and run.best["epoch"] in run.epochs:
-                at = run.epochs.index(run.best["epoch"])
-                axes.plot(run.epochs[at], values[at], marker="*", markersize=16, color=colors[run.name],
-                          markeredgecolor="black", linestyle="none")  # fmt: skip
+            if run.best_record is not None:  # at its own epoch, which is fractional for a step checkpoint
+                axes.plot(run.best["epoch"], run.best_record["val"].get(metric, float("nan")), marker="*",
+                          markersize=16, color=colors[run.name], markeredgecolor="black", linestyle="none")
         positive = [v for v in all_values if v > 0]
         if metric == "loss" and positive and len(positive) == len(all_values) and max(positive) / min(positive) > 100:
             axes.set_yscale("log")  # losses near zero and near log 2 differ by orders of magnitude

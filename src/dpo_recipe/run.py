@@ -1,14 +1,16 @@
 """One training run from a config: data, tokenizer, model and trainer set up (`prepare_run`), then trained to
-epoch checkpoints, with the session recorded and the plots drawn (`run_training`)."""
+epoch (and step) checkpoints, with the session recorded and the plots drawn (`run_training`)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,10 +28,11 @@ from .callbacks import (
     InterruptGuard,
     LogLinePrinter,
     ShardReport,
+    StepCheckpoints,
     StepEvaluation,
     early_stop_line,
 )
-from .config import OPTIMIZERS, ConfigError, RecipeConfig, check_loss_import
+from .config import OPTIMIZERS, ConfigError, LoggingConfig, RecipeConfig, check_loss_import
 from .curves import plot_run
 from .data import load_run_data, prepare_data
 from .loss import resolve_loss
@@ -40,10 +43,13 @@ from .rundir import (
     RUN_CONFIG_FILE,
     RUN_INFO_FILE,
     TENSORBOARD_DIR,
+    TRAINER_STATE_FILE,
+    all_checkpoints,
     atomic_write,
+    best_label,
     checkpoint_epoch,
+    checkpoint_step,
     check_resumed_config,
-    epoch_dirs,
     forget_records_after,
     latest_checkpoint,
     record_config_changes,
@@ -178,8 +184,15 @@ def check_not_early_stopped(run_dir: Path, checkpoint: Path, config: RecipeConfi
     )
 
 
-def _checkpoint_step(checkpoint: Path) -> int:
-    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+# The exit code of a run that a signal stopped after saving a checkpoint (under training.save_on_signal): sysexits'
+# EX_TEMPFAIL, "try again later", which is what --resume does. A stop without a save exits 130.
+EXIT_SAVED_ON_SIGNAL = 75
+
+
+def _completed_epochs(checkpoint: Path) -> int:
+    """The epochs a checkpoint's run had finished (or, for a `training.max_steps` epoch checkpoint, was in)."""
+    epoch = checkpoint_epoch(checkpoint)
+    return epoch if epoch is not None else int(json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["epoch"])
 
 
 def resume_command(run_dir: Path) -> str:
@@ -213,16 +226,16 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     if resume:
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
-            raise ConfigError(f"--resume: no complete epoch checkpoint in {run_dir}")
+            raise ConfigError(f"--resume: no complete checkpoint in {run_dir}")
         resumed_changes = check_resumed_config(config)
         check_not_early_stopped(run_dir, resume_from, config)
-        print(f"resuming {run_dir} from {resume_from.name} (step {_checkpoint_step(resume_from)})", flush=True)
+        print(f"resuming {run_dir} from {resume_from.name} (step {checkpoint_step(resume_from)})", flush=True)
     elif config.training.overwrite:  # every process takes this branch, so the barrier below is always matched
         if state.is_main_process and run_dir.is_dir():
             print(f"overwrite: removing {run_dir}", flush=True)
             shutil.rmtree(run_dir)
         state.wait_for_everyone()
-    elif epoch_dirs(run_dir):
+    elif all_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints: add --resume to continue that run, or --overwrite to start over")
 
     tokenizer_source = str(resume_from) if resume_from is not None else None
@@ -245,15 +258,10 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
             model.save_pretrained(reference_dir(run_dir))
             tokenizer.save_pretrained(reference_dir(run_dir))
         if resume_from is not None:
-            resumed_epoch = checkpoint_epoch(resume_from)
-            forget_records_after(run_dir, _checkpoint_step(resume_from))
+            forget_records_after(run_dir, checkpoint_step(resume_from))
             write_best(run_dir, config.training.best_metric)
-            record_config_changes(run_dir, resumed_changes, _checkpoint_step(resume_from), resumed_epoch)
+            record_config_changes(run_dir, resumed_changes, checkpoint_step(resume_from), _completed_epochs(resume_from))
     state.wait_for_everyone()
-
-    if "wandb" in config.logging.report_to:
-        os.environ.setdefault("WANDB_MODE", config.logging.wandb_mode)
-        os.environ.setdefault("WANDB_PROJECT", config.logging.wandb_project)
 
     micro, _ = batch_plan(config, state.num_processes)
     training = config.training
@@ -262,7 +270,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         (data.train, data.val), micro,
     )
     totals = RunningTotals()
-    guard = InterruptGuard()
+    guard = InterruptGuard(save_on_signal=training.save_on_signal)
     trainer = RecipeDPOTrainer(
         model=model,
         args=dpo_arguments(config, state.num_processes, precision),
@@ -272,7 +280,9 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[
-            EpochRecorder(run_dir, totals, config.training.best_metric, config.training.keep_epochs), guard, ShardReport()
+            EpochRecorder(run_dir, totals, training.best_metric, training.keep_epochs, training.keep_checkpoints),
+            guard,
+            ShardReport(),
         ],
         loss_fn=loss_fn,
         reference_cache_dir=config.training.reference_cache_dir,
@@ -281,6 +291,8 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
     )
     if config.training.eval_steps:
         trainer.add_callback(StepEvaluation(config.training.eval_steps))
+    if config.training.save_steps:
+        trainer.add_callback(StepCheckpoints(config.training.save_steps))
     early_stopping = None
     if config.training.early_stopping_patience:
         early_stopping = EpochEarlyStopping(run_dir, config.training.best_metric, config.training.early_stopping_patience)
@@ -376,10 +388,31 @@ def _record_session(run_dir: Path, run: PreparedRun, seconds: float) -> None:
     atomic_write(path, json.dumps(info, indent=2))
 
 
+@contextlib.contextmanager
+def wandb_environment(logging: LoggingConfig):
+    """The config's wandb mode and project, as the environment variables wandb and transformers' WandbCallback read,
+    for this training only: a value exported before the run wins, and the variables are put back afterwards, so a
+    second run in the same process reads its own config, not the first run's."""
+    values = {"WANDB_MODE": logging.wandb_mode, "WANDB_PROJECT": logging.wandb_project}
+    before = {name: os.environ.get(name) for name in values}
+    if "wandb" in logging.report_to:
+        for name, value in values.items():
+            os.environ.setdefault(name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = False, signal_after_stop: bool = True) -> int:
-    """Train one config end to end. Returns the process exit code: 0, or 130 once SIGINT/SIGTERM stopped the run at a
-    step's end (its resume command printed). Only a caller that ends the process with that code (the command line)
-    passes `signal_after_stop=False`; for any other the signal then goes on to the handler it would have reached
+    """Train one config end to end. Returns the process exit code: 0; 130 once SIGINT/SIGTERM stopped the run at a
+    step's end; 75 (EXIT_SAVED_ON_SIGNAL) once SIGTERM/SIGUSR1 stopped it there after saving a checkpoint, under
+    training.save_on_signal (either way its resume command printed). Only a caller that ends the process with that
+    code (the command line) passes `signal_after_stop=False`; for any other the signal then goes on to the handler it would have reached
     (Ctrl-C: KeyboardInterrupt), as with `InterruptGuard`."""
     started = time.perf_counter()
     try:
@@ -390,26 +423,33 @@ def run_training(config: RecipeConfig, resume: bool = False, verbose: bool = Fal
         return 0
     run.guard.deliver_after_stop = False  # delivered below, once the stop is reported
     try:
-        run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        with wandb_environment(config.logging):
+            run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     finally:
         run.guard.restore()  # HF skips on_train_end when training raises
     run_dir = config.run_dir
     is_main = run.trainer.accelerator.is_main_process
     if run.guard.interrupted:
+        last = latest_checkpoint(run_dir)
+        # The save the signal asked for, at the step training stopped at (a step checkpoint, or its epoch's).
+        saved = run.guard.saved_on_signal and last is not None and checkpoint_step(last) == run.trainer.state.global_step
         if is_main:
             plot_run(run_dir)  # the steps logged since the last epoch end
-            last = latest_checkpoint(run_dir)
             command = resume_command(run_dir)
-            if last:
+            name = signal.Signals(run.guard.stop_signal or run.guard.signal).name
+            if saved:
+                print(f"stopped by {name} after saving {last} (step {run.trainer.state.global_step}). Resume with: "
+                      f"{command} --resume", file=sys.stderr)  # fmt: skip
+            elif last:
                 print(f"interrupted; last complete checkpoint: {last}. Resume with: {command} --resume", file=sys.stderr)
             else:
-                print(f"interrupted before any epoch finished; nothing to resume. Start again with: {command}", file=sys.stderr)
+                print(f"interrupted before any checkpoint was saved; nothing to resume. Start again with: {command}", file=sys.stderr)
         if signal_after_stop:
             run.guard.deliver()
-        return 130
+        return EXIT_SAVED_ON_SIGNAL if saved else 130
     if is_main:
         _record_session(run_dir, run, time.perf_counter() - started)
         best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).exists() else None
         if best:
-            print(f"done: {run_dir} (best epoch {best['epoch']} by {best['metric']} = {best['value']:.4f})", flush=True)
+            print(f"done: {run_dir} (best {best_label(best)} by {best['metric']} = {best['value']:.4f})", flush=True)
     return 0

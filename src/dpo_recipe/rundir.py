@@ -7,9 +7,13 @@
       metrics.jsonl          one record per line: `epoch` (one per epoch), `step` and `eval` (see RECORD_KINDS)
       epoch-<k>/             a complete checkpoint; the name is only ever given to a finished save
         running_totals.json  the epoch's and the log line's running sums, for resuming inside them
+        data_order_rng.safetensors  the RNG state the epoch's data order was drawn from, for resuming inside it
         scoring.json         how the model reads data and scores pairs (also in a `merge` output)
         eval_<data>.json     evaluation of that checkpoint on a dataset
-      best -> epoch-<k>      the best epoch by validation, with best.json saying by what (and its weights' step)
+      step-<N>/              a complete checkpoint at optimizer step N inside an epoch (training.save_steps, or a
+                             signal under training.save_on_signal); the same contents as an epoch checkpoint
+      best -> epoch-<k>      the best checkpoint by validation (an epoch, or a validated step-<N>), with best.json
+                             saying by what (and its weights' step)
       reference/             the starting model, when it was built locally (evaluation's reference)
       run_info.json          each training session's wall time, device and software; how early stopping ended it
       run_info.json          each training session's wall time, device and software; settings --resume changed
@@ -30,6 +34,7 @@ from typing import Any
 from .config import ConfigError, DataConfig, RecipeConfig, load_config
 
 EPOCH_PREFIX = "epoch-"
+STEP_PREFIX = "step-"
 METRICS_FILE = "metrics.jsonl"
 BEST_FILE = "best.json"
 BEST_LINK = "best"
@@ -44,9 +49,11 @@ MODEL_CARD_FILE = "README.md"  # TRL's model card, completed by `card`
 TENSORBOARD_DIR = "tensorboard"
 REFERENCE_DIR = "reference"
 TOTALS_FILE = "running_totals.json"
-# Files in a checkpoint that only resuming reads; kept in the newest epoch alone. Optimizer state (Adam's two moments)
-# is twice the size of the weights; FSDP's model shards repeat model.safetensors.
-RESUME_ONLY_PREFIXES = ("optimizer", "scaler", "pytorch_model_fsdp", "running_totals")
+DATA_ORDER_RNG_FILE = "data_order_rng.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+# Files in a checkpoint that only resuming reads; kept in the newest checkpoint alone. Optimizer state (Adam's two
+# moments) is twice the size of the weights; FSDP's model shards repeat model.safetensors.
+RESUME_ONLY_PREFIXES = ("optimizer", "scaler", "pytorch_model_fsdp", "running_totals", "data_order_rng")
 
 
 def eval_file_name(dataset: str) -> str:
@@ -58,14 +65,32 @@ def reference_dir(run_dir: Path) -> Path:
     return Path(run_dir) / REFERENCE_DIR
 
 
-def epoch_dirs(run_dir: Path) -> list[Path]:
-    """Complete epoch checkpoints, oldest first. Incomplete saves never carry the `epoch-` name."""
+def _numbered_dirs(run_dir: Path, prefix: str) -> list[Path]:
     found = []
-    for path in Path(run_dir).glob(f"{EPOCH_PREFIX}*"):
-        suffix = path.name[len(EPOCH_PREFIX) :]
+    for path in Path(run_dir).glob(f"{prefix}*"):
+        suffix = path.name[len(prefix) :]
         if path.is_dir() and suffix.isdigit() and not path.is_symlink():
             found.append((int(suffix), path))
     return [path for _, path in sorted(found)]
+
+
+def epoch_dirs(run_dir: Path) -> list[Path]:
+    """Complete epoch checkpoints, oldest first. Incomplete saves never carry the `epoch-` name."""
+    return _numbered_dirs(run_dir, EPOCH_PREFIX)
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """Complete step checkpoints (`training.save_steps`, `training.save_on_signal`), oldest first."""
+    return _numbered_dirs(run_dir, STEP_PREFIX)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a complete checkpoint's weights were saved at."""
+    return json.loads((Path(checkpoint) / TRAINER_STATE_FILE).read_text())["global_step"]
+
+
+def step_checkpoint_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step}"
 
 
 # metrics.jsonl holds one record per line: `epoch` (train and val means of a whole epoch, with its checkpoint; one
@@ -108,15 +133,45 @@ def keep_last_epoch_records(run_dir: Path) -> None:
 BEST_DIRECTION = {"loss": min, "accuracy": max, "margin": max}
 
 
+def record_checkpoint(record: dict) -> str:
+    """The checkpoint whose validation a record holds: an `eval` record names its step checkpoint, if one was saved
+    at its step; an `epoch` record's is its epoch's."""
+    return record.get("checkpoint") or f"{EPOCH_PREFIX}{record['epoch']}"
+
+
+def checkpoint_records(run_dir: Path) -> list[dict]:
+    """The records best-checkpoint selection compares: every epoch, and every validation at a step checkpoint."""
+    return [r for r in _all_records(run_dir) if _is_epoch(r) or (r.get("kind") == "eval" and r.get("checkpoint"))]
+
+
 def best_epoch(records: list[dict], metric: str) -> dict | None:
+    """best.json of these records: the best one's epoch (fractional for a step checkpoint), step, value, checkpoint.
+    Of equal values the first wins."""
     scored = [r for r in records if r.get("val")]
     if not scored:
         return None
     best = BEST_DIRECTION[metric](scored, key=lambda r: r["val"][metric])
     return {
         "epoch": best["epoch"], "step": best.get("step"), "metric": f"val_{metric}", "value": best["val"][metric],
-        "checkpoint": f"{EPOCH_PREFIX}{best['epoch']}",
+        "checkpoint": record_checkpoint(best),
     }
+
+
+def best_label(best: dict) -> str:
+    """best.json in words: `epoch 2`, or `step-30 (epoch 0.62)` for a step checkpoint."""
+    if best["checkpoint"].startswith(EPOCH_PREFIX):
+        return f"epoch {best['epoch']}"
+    return f"{best['checkpoint']} (epoch {best['epoch']:.2f})"
+
+
+def best_record(run_dir: Path) -> tuple[dict, dict] | None:
+    """(best.json, the metrics.jsonl record it was chosen from), or None before there is a best."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    best = json.loads(path.read_text())
+    record = next((r for r in checkpoint_records(run_dir) if record_checkpoint(r) == best["checkpoint"]), None)
+    return (best, record) if record is not None else None
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -126,7 +181,10 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def write_best(run_dir: Path, metric: str) -> None:
-    best = best_epoch(read_metrics(run_dir), metric)
+    """best.json and the `best` link, over epoch checkpoints and validated step checkpoints. The best of these never
+    loses its directory (`apply_retention` keeps it), and one that lost its directory was never the best: so the best
+    always names a checkpoint that exists."""
+    best = best_epoch(checkpoint_records(run_dir), metric)
     if best is not None:
         atomic_write(run_dir / BEST_FILE, json.dumps(best, indent=2))
         point_best_link(run_dir, best["checkpoint"])
@@ -141,8 +199,16 @@ def point_best_link(run_dir: Path, target: str) -> None:
     os.replace(temporary, link)
 
 
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of either kind, oldest first (by the step their weights were saved at; an epoch checkpoint
+    before a step checkpoint of the same step)."""
+    kinds = [(0, path) for path in epoch_dirs(run_dir)] + [(1, path) for path in step_dirs(run_dir)]
+    return [path for _, _, path in sorted((checkpoint_step(path), kind, path) for kind, path in kinds)]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    complete = epoch_dirs(run_dir)
+    """The checkpoint --resume continues from: the newest complete one, epoch or step."""
+    complete = all_checkpoints(run_dir)
     return complete[-1] if complete else None
 
 
@@ -156,13 +222,22 @@ def forget_records_after(run_dir: Path, step: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def apply_retention(run_dir: Path, newest: Path, keep_epochs: str) -> None:
-    """Resume state only in the newest epoch; with `best_and_last`, no other epoch at all."""
+def apply_retention(run_dir: Path, newest: Path, keep_epochs: str, keep_checkpoints: int | None = None) -> None:
+    """Resume state only in the newest checkpoint (`newest`, just saved). With keep_epochs `best_and_last`, no other
+    epoch than the best and the last; with keep_checkpoints N, no other step checkpoint than the newest N and the best.
+    Neither ever deletes `newest` or the best."""
     best = (Path(run_dir) / BEST_LINK).resolve()
-    for checkpoint in epoch_dirs(run_dir):
+    epochs, steps = epoch_dirs(run_dir), step_dirs(run_dir)
+    kept_steps = steps[-keep_checkpoints:] if keep_checkpoints else steps
+    for checkpoint in epochs + steps:
         if checkpoint == newest:
             continue
-        if keep_epochs == "best_and_last" and checkpoint.resolve() != best:
+        last_epoch = bool(epochs) and checkpoint == epochs[-1]
+        unwanted = (
+            (checkpoint in epochs and keep_epochs == "best_and_last" and not last_epoch)
+            or (checkpoint in steps and checkpoint not in kept_steps)
+        )
+        if unwanted and checkpoint.resolve() != best:
             shutil.rmtree(checkpoint)
             continue
         for path in checkpoint.iterdir():
@@ -186,14 +261,15 @@ def load_run_config(run_dir: Path) -> RecipeConfig:
 
 
 def run_checkpoints(run_dir: Path, all_epochs: bool = False) -> list[Path]:
-    """Every epoch, or the best one (the `best` link the trainer keeps; the last epoch if there is none)."""
+    """Every epoch, or the best checkpoint (the `best` link the trainer keeps, which may be a step checkpoint; the last
+    epoch if there is none)."""
     epochs = epoch_dirs(run_dir)
+    best = run_dir / BEST_LINK
+    if not all_epochs and best.is_dir():
+        return [best.resolve()]
     if not epochs:
         raise ConfigError(f"{run_dir}: no complete epoch checkpoint to evaluate")
-    if all_epochs:
-        return epochs
-    best = run_dir / BEST_LINK
-    return [best.resolve()] if best.is_dir() else [epochs[-1]]
+    return epochs if all_epochs else [epochs[-1]]
 
 
 def find_runs(path: Path) -> list[Path]:
@@ -216,7 +292,7 @@ def find_checkpoints(path: str | Path, all_epochs: bool = False) -> list[Path]:
         return run_checkpoints(path, all_epochs)
     found = []
     for run in find_runs(path):
-        if epoch_dirs(run):
+        if epoch_dirs(run) or (not all_epochs and (run / BEST_LINK).is_dir()):
             found.extend(run_checkpoints(run, all_epochs))
         else:
             print(f"skipping {run}: no complete epoch checkpoint", flush=True)
@@ -280,7 +356,8 @@ def trained_format(directory: Path, data: DataConfig) -> str:
 RESUMABLE_KEYS = (
     "training.num_epochs", "training.max_steps", "training.early_stopping_patience", "training.eval_steps",
     "training.logging_steps", "training.keep_epochs", "training.output_dir", "training.reference_cache_dir",
-    "training.overwrite", "data.strict", "run_name",
+    "training.overwrite", "training.save_steps", "training.keep_checkpoints", "training.save_on_signal",
+    "data.strict", "run_name",
 )  # fmt: skip
 RESUMABLE_SECTIONS = ("logging.",)
 
@@ -318,8 +395,9 @@ def check_resumed_config(config: RecipeConfig) -> list[tuple[str, Any, Any]]:
         )
         raise ConfigError(
             f"--resume: {config.run_dir} was trained with other settings: {listed}. A resumed run may change only how "
-            f"long it trains, what it logs and which epochs it keeps (training.num_epochs, max_steps, "
-            f"early_stopping_patience, eval_steps, logging_steps, keep_epochs; logging.*): drop the change to resume, "
+            f"long it trains, what it logs and which checkpoints it saves and keeps (training.num_epochs, max_steps, "
+            f"early_stopping_patience, eval_steps, logging_steps, save_steps, keep_epochs, keep_checkpoints, "
+            f"save_on_signal; logging.*): drop the change to resume, "
             f"or start over with --overwrite, or train it as a new run with --set run_name=<new name>"
         )
     return [(key, old, new) for key, old, new in changes if key != "training.overwrite"]

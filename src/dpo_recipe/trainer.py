@@ -6,6 +6,8 @@ What it changes, and why:
 - reference log-probs are computed once and cached on disk (`reference`), so no epoch or sweep run redoes them;
 - the loss is the configured pure function from `dpo_recipe.loss`;
 - every logged mean is an exact per-pair mean (`totals`), each pair counted once per pass;
+- a checkpoint saved inside an epoch resumes with that epoch's data order (HF's Trainer alone would draw the resumed
+  epoch's order afresh from the RNG of a newly started process);
 - a LoRA adapter keeps its dropout, which TRL's `disable_dropout` would zero with the model's;
 - a compiled model traces batch shapes as dynamic from the first batch, and a compilation that fails (or passes the
   recompile limit) leaves the run training uncompiled, saying so, instead of ending it;
@@ -37,6 +39,7 @@ from accelerate.utils import (
     is_peft_model,
     parse_flag_from_env,
 )
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -48,7 +51,7 @@ from .models import model_fingerprint, restore_adapter_dropout
 from .packing import LengthBucketSampler, dataset_pair_logps, install_scoring_head, row_lengths, score_pairs
 from .reference import cache_path, cached_reference_logps, with_reference_columns
 from .card import complete_model_card
-from .rundir import MODEL_CARD_FILE, TOTALS_FILE, atomic_write, is_run_dir, write_scoring_settings
+from .rundir import DATA_ORDER_RNG_FILE, MODEL_CARD_FILE, TOTALS_FILE, atomic_write, is_run_dir, write_scoring_settings
 from .totals import LOGGED_MEANS, RunningTotals
 
 
@@ -103,6 +106,9 @@ class RecipeDPOTrainer(DPOTrainer):
         # Before accelerate prepares the model, so its mixed-precision autocast surrounds the scoring forward too.
         install_scoring_head(self.model)
         self._resumed_totals: dict | None = None
+        self._resumed_data_order: torch.Tensor | None = None
+        # torch's RNG state as the current epoch began, which its data order is drawn from (`_start_epoch_window`).
+        self._epoch_rng_state: torch.Tensor | None = None
         self.add_callback(_EpochWindow(self))
 
     def _build_accelerator_args(self, **kwargs):
@@ -250,10 +256,15 @@ class RecipeDPOTrainer(DPOTrainer):
         if self.args.should_save:  # inside the checkpoint, before callbacks commit it
             checkpoint = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             atomic_write(checkpoint / TOTALS_FILE, json.dumps(self.totals.snapshot()))
+            if self._epoch_rng_state is not None:
+                save_file({"cpu": self._epoch_rng_state}, checkpoint / DATA_ORDER_RNG_FILE)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        saved = Path(resume_from_checkpoint) / TOTALS_FILE if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+        checkpoint = Path(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+        saved = checkpoint / TOTALS_FILE if checkpoint is not None else None
         self._resumed_totals = json.loads(saved.read_text()) if saved is not None and saved.is_file() else None
+        order = checkpoint / DATA_ORDER_RNG_FILE if checkpoint is not None else None
+        self._resumed_data_order = load_file(order)["cpu"] if order is not None and order.is_file() else None
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self.totals.flush()
         # TRL wrote the card before the last save; now the last epoch and the best one are known.
@@ -262,14 +273,23 @@ class RecipeDPOTrainer(DPOTrainer):
 
     def _start_epoch_window(self, state) -> None:
         """The `train` window starts with each epoch. A resumed run goes on with the windows its checkpoint kept: the
-        log window always, and the epoch's too when the checkpoint was saved inside an epoch (`training.max_steps`),
-        so that epoch's means still cover all of its pairs."""
+        log window always, and the epoch's too when the checkpoint was saved inside an epoch (a step checkpoint, or
+        `training.max_steps`), so that epoch's means still cover all of its pairs.
+
+        Each epoch's data order is drawn from torch's RNG as the epoch's first batch is fetched, and the state it was
+        drawn from goes into every checkpoint. Resumed inside an epoch, HF's Trainer skips the batches already trained
+        on but draws the order from the RNG of the new process, and restores the checkpoint's RNG only after that:
+        the state the epoch began with is put back first, so the order is the epoch's own."""
         resumed, self._resumed_totals = self._resumed_totals, None
+        data_order, self._resumed_data_order = self._resumed_data_order, None
         inside_an_epoch = resumed is not None and state.epoch % 1 != 0
         if resumed is not None:
             self.totals.restore(resumed, ("train", "log") if inside_an_epoch else ("log",))
         if not inside_an_epoch:
             self.totals.reset("train", len(self.train_dataset))
+        if inside_an_epoch and data_order is not None:
+            torch.random.set_rng_state(data_order)
+        self._epoch_rng_state = torch.random.get_rng_state()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
