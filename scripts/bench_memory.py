@@ -5,7 +5,8 @@ import argparse
 import shlex
 import sys
 
-from dpo_recipe.bench_memory import REAL_SHAPES, SETTINGS, TINY_SHAPES, Batch, MemorySettings, run_memory_benchmark
+from dpo_recipe.bench_memory import REAL_SHAPES, SETTINGS, TINY_SHAPES, Batch
+from dpo_recipe.bench_memory_report import MemorySettings, run_memory_benchmark
 from dpo_recipe.benchmark import machine_description
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dpo_recipe import bench_memory as m
+from dpo_recipe import bench_memory_report as report
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = "tiny-test"
@@ -80,11 +81,11 @@ def test_qlora_stores_about_half_a_byte_per_quantized_weight(model_dir):
     per 256 blocks, plus lookup tables per layer; charged so, the fake-tensor emulation holds what the real load does."""
     pytest.importorskip("bitsandbytes", reason="QLoRA needs the qlora extra: pip install -e '.[qlora]'")
     real, fake = run("qlora", model_dir), run("qlora", model_dir, fake=True)
-    per_weight, per_layer = m.quantized_storage(real)
+    per_weight, per_layer = report.quantized_storage(real)
     assert per_weight == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), rel=0.02)
     assert real["quantization"]["layers"] == real["quantized_layers"] == len(linear_shapes())
     assert 0 < per_layer < 4096
-    assert m.with_quantized_storage(fake, (per_weight, per_layer))["state"]["weights"] == pytest.approx(real["state"]["weights"], abs=1)
+    assert report.with_quantized_storage(fake, (per_weight, per_layer))["state"]["weights"] == pytest.approx(real["state"]["weights"], abs=1)
     assert real["state"]["trainable"] == 2 * sum(16 * (i + o) for i, o in linear_shapes())  # bf16 adapters, as TRL casts them
     assert real["state"]["weights"] < run("lora_bf16", model_dir)["state"]["weights"]
 
@@ -92,9 +93,9 @@ def test_qlora_stores_about_half_a_byte_per_quantized_weight(model_dir):
 def test_the_results_section_replaces_only_itself(tmp_path):
     path = tmp_path / "results.md"
     path.write_text("# Benchmark\n\n## Results\n\nspeed\n\n## Memory per setting (issue 21)\n\nold\n\n## Later\n\nkept\n")
-    m.replace_section(path, m.RESULTS_HEADING, ["new"])
+    report.replace_section(path, report.RESULTS_HEADING, ["new"])
     assert path.read_text() == "# Benchmark\n\n## Results\n\nspeed\n\n## Memory per setting (issue 21)\n\nnew\n\n## Later\n\nkept\n"
-    m.replace_section(tmp_path / "fresh.md", m.RESULTS_HEADING, ["first"])
+    report.replace_section(tmp_path / "fresh.md", report.RESULTS_HEADING, ["first"])
     assert (tmp_path / "fresh.md").read_text() == "## Memory per setting (issue 21)\n\nfirst\n"
 
 
