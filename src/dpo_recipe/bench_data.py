@@ -130,3 +130,208 @@ def write_dataset(path: Path, count: int, seed: int) -> Path:
                 handle.write(json.dumps(row) + "\n")
         os.replace(temporary, path)
     return path
+
+
+@dataclass
+class DataBenchSettings:
+    pairs: int = 60_000
+    seed: int = 0
+    tokenizer: str = str(DEFAULT_TOKENIZER)
+    max_length: int = 1024  # alignment-handbook's for UltraFeedback; TRL cuts at batch time, the recipe here
+    processes: tuple[int, ...] = (1, 2)
+    work_dir: str = ".cache/bench_data"  # the generated rows (kept) and each run's caches (emptied)
+    output: str | None = "benchmarks/results.md"
+    command: str = "make bench-data"
+
+
+@dataclass
+class Measurement:
+    name: str
+    seconds: float
+    pairs: int
+    peak_rss: int  # bytes: the measuring process's ru_maxrss
+    peak_worker_rss: int  # bytes: the largest of its worker processes (0: none)
+    row_digests: dict[int, str]  # 1-based line -> digest of (prompt, chosen, rejected) ids
+    fits: dict[int, bool]  # TRL: line -> prompt + longest response <= max_length (the recipe cuts nothing there)
+    note: str = ""
+
+
+def _digests(dataset, lines) -> dict[int, str]:
+    import hashlib
+
+    columns = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
+    return {line: hashlib.sha1(json.dumps(ids).encode()).hexdigest() for line, ids in zip(lines, columns)}
+
+
+def _peak_rss() -> tuple[int, int]:
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)  # fmt: skip
+
+
+def measure_recipe(settings: DataBenchSettings, data_file: str, num_proc: int, cache_dir: str, cache: bool,
+                   threads: bool = True) -> Measurement:  # fmt: skip
+    """`prepare_run_data`, as `train` calls it, in this (fresh) process."""
+    if not threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import datasets
+    import transformers  # noqa: F401 - imported before the clock starts, as for TRL
+    import trl  # noqa: F401
+
+    from .config import DataConfig, ModelConfig, RecipeConfig, TrainingConfig
+    from .prepared import prepare_run_data
+
+    datasets.disable_progress_bars()
+    config = RecipeConfig(
+        model=ModelConfig(name_or_path=settings.tokenizer),
+        data=DataConfig(source=data_file, num_pairs=settings.pairs, num_test_pairs=0, max_length=settings.max_length,
+                        num_proc=num_proc, cache=cache),  # fmt: skip
+        training=TrainingConfig(reference_cache_dir=cache_dir, seed=settings.seed),
+    )
+    start = time.perf_counter()
+    _, data, note = prepare_run_data(config)
+    seconds = time.perf_counter() - start
+    peak, workers = _peak_rss()
+    digests = {}
+    for split in ("train", "val", "test"):
+        dataset = getattr(data, split)
+        digests |= _digests(dataset, dataset["source_index"])
+    return Measurement("", seconds, sum(data.report.pairs.values()), peak, workers, digests, {}, note)
+
+
+def measure_trl(settings: DataBenchSettings, data_file: str, num_proc: int, cache_dir: str) -> Measurement:
+    """`load_dataset("json")` + `maybe_extract_prompt` + TRL 1.16's `DPOTrainer._prepare_dataset`, in this (fresh)
+    process, with an empty `datasets` cache."""
+    from types import SimpleNamespace
+
+    import datasets
+    import transformers
+    from trl import DPOTrainer
+    from trl.data_utils import maybe_extract_prompt
+
+    datasets.disable_progress_bars()
+    start = time.perf_counter()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(settings.tokenizer)
+    dataset = datasets.load_dataset("json", data_files=data_file, split="train", cache_dir=cache_dir)
+    dataset = dataset.map(maybe_extract_prompt, num_proc=num_proc)
+    trainer = SimpleNamespace(_tokenizer=tokenizer)  # the method reads only this of `self`
+    arguments = SimpleNamespace(dataset_num_proc=num_proc, max_length=settings.max_length, truncation_mode="keep_end")
+    prepared = DPOTrainer._prepare_dataset(trainer, dataset, tokenizer, arguments, "train")
+    seconds = time.perf_counter() - start
+    peak, workers = _peak_rss()
+    lines = range(1, len(prepared) + 1)
+    fits = {line: len(p) + max(len(c), len(r)) <= settings.max_length
+            for line, p, c, r in zip(lines, prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"])}  # fmt: skip
+    return Measurement("", seconds, len(prepared), peak, workers, _digests(prepared, lines), fits)
+
+
+def in_fresh_process(function, *args, **kwargs) -> Measurement:
+    import multiprocessing
+
+    # spawn: the measurement's imports, memory and caches are its own
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args, **kwargs).result()
+
+
+def run_data_benchmark(settings: DataBenchSettings) -> int:
+    if not (Path(settings.tokenizer) / "tokenizer_config.json").is_file():
+        print(f"bench-data: no tokenizer at {settings.tokenizer}; run {GET_TOKENIZER} (or pass --tokenizer DIR)", file=sys.stderr)
+        return 2
+    work = Path(settings.work_dir)
+    data_file = str(write_dataset(work / f"ultrafeedback_like_{settings.pairs}_seed{settings.seed}.jsonl", settings.pairs, settings.seed))
+    print(f"data: {data_file} ({Path(data_file).stat().st_size / 2**20:,.0f} MiB)", flush=True)
+    runs: list[Measurement] = []
+
+    def measure(name: str, function, *args, **kwargs) -> Measurement:
+        with tempfile.TemporaryDirectory(dir=work) as cache_dir:
+            result = in_fresh_process(function, settings, data_file, *args, cache_dir=kwargs.pop("cache_dir", cache_dir), **kwargs)
+        result.name = name
+        runs.append(result)
+        print(f"{name}: {result.seconds:.1f} s, {result.pairs / result.seconds:,.0f} pairs/s, peak RSS "
+              f"{result.peak_rss / 2**20:,.0f} MiB (workers {result.peak_worker_rss / 2**20:,.0f} MiB)", flush=True)  # fmt: skip
+        return result
+
+    for processes in settings.processes:
+        measure(f"trl, dataset_num_proc={processes}", measure_trl, processes)
+        measure(f"recipe, data.num_proc={processes}", measure_recipe, processes, cache=False)
+    measure("recipe, data.num_proc=1, tokenizer threads off", measure_recipe, 1, cache=False, threads=False)
+    with tempfile.TemporaryDirectory(dir=work) as cache_dir:
+        processes = max(settings.processes)
+        measure(f"recipe, cache filled (data.num_proc={processes})", measure_recipe, processes, cache=True, cache_dir=cache_dir)
+        measure("recipe, cache hit (second run)", measure_recipe, processes, cache=True, cache_dir=cache_dir)
+    agreement = agreement_line(runs)
+    print(agreement)
+    if settings.output:
+        write_section(Path(settings.output), settings, data_file, runs, agreement)
+        print(f"wrote {settings.output}")
+    return 0
+
+
+def agreement_line(runs: list[Measurement]) -> str:
+    """The recipe's ids against TRL's, pair by pair, where the recipe's truncation cuts nothing."""
+    trl = next(run for run in runs if run.name.startswith("trl"))
+    lines = [line for line, fits in trl.fits.items() if fits]
+    checks = []
+    for run in runs:
+        if run.name.startswith("recipe"):
+            same = sum(run.row_digests.get(line) == trl.row_digests[line] for line in lines)
+            checks.append(same == len(lines))
+    recipe = [run.row_digests for run in runs if run.name.startswith("recipe")]
+    verdict = "identical" if all(checks) else "DIFFERENT"
+    among = "identical" if all(digests == recipe[0] for digests in recipe) else "DIFFERENT"
+    return (f"Token ids: every recipe run's are {verdict} to TRL's on the {len(lines):,} of {len(trl.fits):,} pairs "
+            f"that fit in max_length (the recipe truncates the rest; TRL's collator cuts them at batch time), and "
+            f"{among} to each other's on all pairs (1 or 2 processes, prepared or read from the cache).")  # fmt: skip
+
+
+def _table(runs: list[Measurement]) -> list[str]:
+    trl = {run.name.split("=")[-1]: run for run in runs if run.name.startswith("trl")}
+    header = "| run | wall time | pairs/s | " + " | ".join(f"speed vs TRL num_proc={n}" for n in trl) + " | peak RSS (main process) | peak RSS (largest worker) |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for run in runs:
+        ratios = " | ".join(f"{baseline.seconds / run.seconds:.2f}x" for baseline in trl.values())
+        worker = f"{run.peak_worker_rss / 2**20:,.0f} MiB" if run.peak_worker_rss else "-"
+        lines.append(f"| {run.name} | {run.seconds:,.1f} s | {run.pairs / run.seconds:,.0f} | {ratios} | "
+                     f"{run.peak_rss / 2**20:,.0f} MiB | {worker} |")  # fmt: skip
+    return lines
+
+
+def write_section(path: Path, settings: DataBenchSettings, data_file: str, runs: list[Measurement], agreement: str) -> None:
+    """This benchmark's section of `path`, between its markers (appended the first time); the rest is left as is."""
+    machine = machine_description()
+    lines = [
+        RESULTS_START,
+        "## Data preparation: the recipe against TRL's `_prepare_dataset` (issue 20)",
+        "",
+        f"Command: `{settings.command}`. " + "; ".join(f"{key}: {value}" for key, value in machine.items())
+        + f"; load average at the end {os.getloadavg()[0]:.1f} (the 2 cores were shared with other jobs).",
+        "",
+        f"- Data: {settings.pairs:,} generated pairs shaped like UltraFeedback-binarized "
+        f"(`dpo_recipe.bench_data.ultrafeedback_like_rows`, seed {settings.seed}; a `prompt` string, `chosen` / "
+        f"`rejected` message lists, {MULTI_TURN_SHARE:.0%} of them multi-turn, `messages` and scores; "
+        f"{Path(data_file).stat().st_size / 2**20:,.0f} MiB of JSON lines), tokenized with "
+        f"SmolLM2-135M-Instruct's tokenizer and chat template.",
+        f"- recipe: `prepared.prepare_run_data`, what `train` runs: read and validate every row, sample the "
+        f"{settings.pairs:,} pairs (data.num_pairs, num_test_pairs 0), render with the chat template, tokenize as "
+        f"TRL does, truncate to max_length {settings.max_length}, build the Arrow datasets. `data.num_proc` processes; "
+        "with 1 the fast tokenizer still uses its own threads on a batch (the row with them off shows one core). The "
+        "cache rows: the first run with `data.cache: true` (preparing and writing the entry), then the second.",
+        "- trl: `load_dataset(\"json\")`, `maybe_extract_prompt` (as TRL's docs do for UltraFeedback-binarized), then "
+        "TRL 1.16's `DPOTrainer._prepare_dataset` (`dataset_num_proc` as shown; a stand-in `self`, as in "
+        "tests/test_trl_parity.py), in an empty `datasets` cache. It neither validates nor truncates (its collator "
+        "cuts at batch time).",
+        "- Each run in a fresh process; time includes loading the tokenizer. Peak RSS: `getrusage` ru_maxrss of the "
+        "measuring process (imports included) and of its largest worker process.",
+        "",
+        *_table(runs),
+        "",
+        agreement,
+        RESULTS_END,
+    ]
+    text = path.read_text() if path.is_file() else ""
+    if RESULTS_START in text and RESULTS_END in text:
+        before, rest = text.split(RESULTS_START, 1)
+        text = before + "\n".join(lines) + rest.split(RESULTS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import RecipeConfig
-from .data import DataReport, PreparedData, load_run_data, prepare_data, source_kind, use_chat_template
+from .data import (
+    DataReport, PreparedData, load_run_data, prepare_data, source_kind, tokenized_features, use_chat_template,
+)  # fmt: skip
 from .models import LOCAL_BPE, load_tokenizer
 from .reference import code_digest
 
@@ -123,7 +125,8 @@ def _save(entry: Path, data: PreparedData, tokenizer, keep_tokenizer: bool) -> N
     temporary = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{entry.name}.", suffix=".tmp"))
     try:
         for split in SPLITS:
-            getattr(data, split).save_to_disk(str(temporary / split))
+            if len(getattr(data, split)):  # `datasets` writes no shard for an empty one, and cannot load that back
+                getattr(data, split).save_to_disk(str(temporary / split))
         uses_template = any(data.report.formats.get(source) in ("hh-rlhf-chat", "conversational", "conversational_implicit")
                             for source in data.report.formats)  # fmt: skip
         meta = {"report": data.report.to_dict(), "indices": data.indices, "chat_template": uses_template}
@@ -137,10 +140,11 @@ def _save(entry: Path, data: PreparedData, tokenizer, keep_tokenizer: bool) -> N
 
 
 def _load(entry: Path) -> tuple[PreparedData, dict[str, Any]]:
-    from datasets import load_from_disk
+    from datasets import Dataset, load_from_disk
 
     meta = json.loads((entry / META_FILE).read_text())
-    splits = {split: load_from_disk(str(entry / split)) for split in SPLITS}
+    empty = Dataset.from_dict({name: [] for name in tokenized_features()}, features=tokenized_features())
+    splits = {split: load_from_disk(str(entry / split)) if (entry / split).is_dir() else empty for split in SPLITS}
     return PreparedData(**splits, report=DataReport(**meta["report"]), indices=meta["indices"]), meta
 
 
