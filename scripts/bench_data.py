@@ -14,13 +14,14 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=defaults.tokenizer, help="a tokenizer directory with a chat template (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--processes", type=int, nargs="+", default=list(defaults.processes), help="num_proc values to compare")
+    parser.add_argument("--threads-off", action="store_true", help="also run the recipe on 1 process without tokenizer threads")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--work-dir", default=defaults.work_dir, help="the generated data and the runs' caches")
     parser.add_argument("--output", default=defaults.output, help="results file whose data section is replaced; '' for none")
     args = parser.parse_args()
     settings = DataBenchSettings(
         pairs=args.pairs, seed=args.seed, tokenizer=args.tokenizer, max_length=args.max_length,
-        processes=tuple(args.processes), work_dir=args.work_dir, output=args.output or None,
+        processes=tuple(args.processes), threads_off=args.threads_off, work_dir=args.work_dir, output=args.output or None,
         command=shlex.join(["python", "scripts/bench_data.py", *sys.argv[1:]]),
     )  # fmt: skip
     return run_data_benchmark(settings)

@@ -139,6 +139,7 @@ class DataBenchSettings:
     tokenizer: str = str(DEFAULT_TOKENIZER)
     max_length: int = 1024  # alignment-handbook's for UltraFeedback; TRL cuts at batch time, the recipe here
     processes: tuple[int, ...] = (1, 2)
+    threads_off: bool = False  # a further recipe run on one process with the tokenizer's own threads off
     work_dir: str = ".cache/bench_data"  # the generated rows (kept) and each run's caches (emptied)
     output: str | None = "benchmarks/results.md"
     command: str = "make bench-data"
@@ -250,14 +251,16 @@ def run_data_benchmark(settings: DataBenchSettings) -> int:
               f"{result.peak_rss / 2**20:,.0f} MiB (workers {result.peak_worker_rss / 2**20:,.0f} MiB)", flush=True)  # fmt: skip
         return result
 
-    for processes in settings.processes:
-        measure(f"trl, dataset_num_proc={processes}", measure_trl, processes)
-        measure(f"recipe, data.num_proc={processes}", measure_recipe, processes, cache=False)
-    measure("recipe, data.num_proc=1, tokenizer threads off", measure_recipe, 1, cache=False, threads=False)
     with tempfile.TemporaryDirectory(dir=work) as cache_dir:
-        processes = max(settings.processes)
-        measure(f"recipe, cache filled (data.num_proc={processes})", measure_recipe, processes, cache=True, cache_dir=cache_dir)
-        measure("recipe, cache hit (second run)", measure_recipe, processes, cache=True, cache_dir=cache_dir)
+        for processes in settings.processes:
+            measure(f"trl, dataset_num_proc={processes}", measure_trl, processes)
+            # The last recipe run fills the cache (its time includes writing the entry) for the second run below.
+            fills = processes == settings.processes[-1]
+            name = f"recipe, data.num_proc={processes}" + (", filling the cache" if fills else "")
+            measure(name, measure_recipe, processes, cache=fills, **({"cache_dir": cache_dir} if fills else {}))
+        if settings.threads_off:
+            measure("recipe, data.num_proc=1, tokenizer threads off", measure_recipe, 1, cache=False, threads=False)
+        measure("recipe, second run: cache hit", measure_recipe, settings.processes[-1], cache=True, cache_dir=cache_dir)
     agreement = agreement_line(runs)
     print(agreement)
     if settings.output:
@@ -313,8 +316,8 @@ def write_section(path: Path, settings: DataBenchSettings, data_file: str, runs:
         f"- recipe: `prepared.prepare_run_data`, what `train` runs: read and validate every row, sample the "
         f"{settings.pairs:,} pairs (data.num_pairs, num_test_pairs 0), render with the chat template, tokenize as "
         f"TRL does, truncate to max_length {settings.max_length}, build the Arrow datasets. `data.num_proc` processes; "
-        "with 1 the fast tokenizer still uses its own threads on a batch (the row with them off shows one core). The "
-        "cache rows: the first run with `data.cache: true` (preparing and writing the entry), then the second.",
+        "with 1 the fast tokenizer still uses its own threads on a batch (a row with them off, if shown, is one core). "
+        "Its last run has `data.cache: true` (preparing and writing the entry); the second run of that config reads it.",
         "- trl: `load_dataset(\"json\")`, `maybe_extract_prompt` (as TRL's docs do for UltraFeedback-binarized), then "
         "TRL 1.16's `DPOTrainer._prepare_dataset` (`dataset_num_proc` as shown; a stand-in `self`, as in "
         "tests/test_trl_parity.py), in an empty `datasets` cache. It neither validates nor truncates (its collator "
