@@ -121,12 +121,27 @@ def cache_key(config: RecipeConfig, tokenizer_part: str) -> str | None:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars from saving and loading: a run's stderr is for errors (one line each)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def _save(entry: Path, data: PreparedData, tokenizer, keep_tokenizer: bool) -> None:
     temporary = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{entry.name}.", suffix=".tmp"))
     try:
-        for split in SPLITS:
-            if len(getattr(data, split)):  # `datasets` writes no shard for an empty one, and cannot load that back
-                getattr(data, split).save_to_disk(str(temporary / split))
+        with _quiet_datasets():
+            for split in SPLITS:
+                if len(getattr(data, split)):  # `datasets` writes no shard for an empty one, nor loads that back
+                    getattr(data, split).save_to_disk(str(temporary / split))
         uses_template = any(data.report.formats.get(source) in ("hh-rlhf-chat", "conversational", "conversational_implicit")
                             for source in data.report.formats)  # fmt: skip
         meta = {"report": data.report.to_dict(), "indices": data.indices, "chat_template": uses_template}
@@ -144,7 +159,8 @@ def _load(entry: Path) -> tuple[PreparedData, dict[str, Any]]:
 
     meta = json.loads((entry / META_FILE).read_text())
     empty = Dataset.from_dict({name: [] for name in tokenized_features()}, features=tokenized_features())
-    splits = {split: load_from_disk(str(entry / split)) if (entry / split).is_dir() else empty for split in SPLITS}
+    with _quiet_datasets():
+        splits = {split: load_from_disk(str(entry / split)) if (entry / split).is_dir() else empty for split in SPLITS}
     return PreparedData(**splits, report=DataReport(**meta["report"]), indices=meta["indices"]), meta
 
 
