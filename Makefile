@@ -15,7 +15,7 @@ ARGS ?=
 # continues instead.
 DEMO_START = $(if $(filter --resume,$(ARGS)),,--overwrite)
 
-.PHONY: install test smoke train eval sweep sweep-smoke bench bench-memory docker
+.PHONY: install test smoke train eval sweep sweep-smoke bench bench-memory bench-data docker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ sweep-smoke:
 # This recipe's trainer against plain trl.DPOTrainer in one run; writes benchmarks/results.md.
 bench:
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+# Preparing 60k UltraFeedback-like pairs: the recipe (1 and 2 processes, its cache) against TRL's _prepare_dataset;
+# writes its section of benchmarks/results.md. A rehearsal: make bench-data ARGS="--pairs 2000 --output ''".
+bench-data:
+	$(BIN)/python scripts/bench_data.py $(ARGS)
 
 # The CUDA image (Dockerfile); another base: make docker BASE_IMAGE=pytorch/pytorch:<tag>. Linted in the tests, not built there.
 DOCKER_IMAGE ?= dpo-recipe

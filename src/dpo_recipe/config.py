@@ -140,6 +140,13 @@ class DataConfig:
     # The prompt keeps at least this many of its last tokens; only longer responses are cut from the right.
     min_prompt_tokens: int = 16
     strict: bool = False
+    # Processes that tokenize (forked; the result is the same on any number). null: one per 2000 pairs, up to the
+    # usable cores (and 8).
+    num_proc: int | None = None
+    # Keep the tokenized splits on disk (in training.reference_cache_dir/prepared), keyed by everything that makes
+    # them: a second run of the same data, tokenizer and code reads them back instead of preparing (hub datasets are
+    # not cached: their revision can change under the same name).
+    cache: bool = True
 
 
 @dataclass
@@ -544,6 +551,7 @@ def _validate(config: RecipeConfig) -> None:
         ),
         ("data.max_length", config.data.max_length >= 16, "must be >= 16"),
         ("data.val_fraction", 0 < config.data.val_fraction < 1, "must be in (0, 1)"),
+        ("data.num_proc", config.data.num_proc is None or config.data.num_proc >= 1, "must be >= 1 or null"),
         ("data.config_name", config.data.config_name is None or config.data.config_name.strip() != "", "must be a configuration name or null"),
         (
             "data.chat_template",

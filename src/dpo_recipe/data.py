@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
+import multiprocessing
+import os
 import json
 import random
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -256,9 +260,19 @@ def _where(pair: PreferencePair, split: str) -> str:
     return f"{pair.source}:{pair.index}" if pair.source else f"{split} pair {pair.index}"
 
 
-def _chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False, **template_kwargs) -> list[int]:
+# Pairs per batched tokenizer call, and per task of the process pool: a batch's token ids live as Python lists until
+# they are truncated and stored as Arrow, so the batch bounds that memory (60k UltraFeedback-like pairs, ~2 GB whole).
+ENCODE_BATCH = 1000
+# `data.num_proc: null` uses up to this many processes, one per this many pairs (forking costs ~0.1 s each).
+MAX_AUTO_PROCESSES = 8
+PAIRS_PER_AUTO_PROCESS = 2 * ENCODE_BATCH
+
+
+def _chat_ids(tokenizer, conversations: list[Messages], add_generation_prompt: bool, template_kwargs: dict) -> list[list[int]]:
+    """Token ids of each conversation rendered with the chat template: one batched call, as fast tokenizers are
+    several times faster on a batch than string by string (TRL renders and tokenizes the same way, one at a time)."""
     return tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True, **template_kwargs
+        conversations, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True, **template_kwargs
     )["input_ids"]
 
 
@@ -282,7 +296,6 @@ def encode_pairs(
         empty = next(pair for pair in pairs if _blank(pair.chosen) or _blank(pair.rejected))
         raise DataError(f"{_where(empty, split)}: a response is empty and the tokenizer has no end-of-sequence token to score it")
     notes = dict.fromkeys(TOKENIZATION_NOTES, 0)
-    texts = [pair for pair in pairs if isinstance(pair.prompt, str)]
     eos_text = tokenizer.eos_token
 
     def with_eos(response: str) -> str:
@@ -291,24 +304,33 @@ def encode_pairs(
         notes["eos_text_in_response"] += response.endswith(eos_text)
         return response if response.endswith(eos_text) else response + eos_text
 
-    def encode(parts: list[str]) -> list[list[int]]:
-        return tokenizer(parts)["input_ids"] if parts else []
-
-    encoded_texts = iter(zip(
-        encode([p.prompt for p in texts]),
-        encode([p.prompt + with_eos(p.chosen) for p in texts]),
-        encode([p.prompt + with_eos(p.rejected) for p in texts]),
-    ))  # fmt: skip
+    # Each pair's (prompt, prompt + chosen, prompt + rejected) ids, by pair position. Text in one batch; messages in
+    # one batch per distinct `tools` / `chat_template_kwargs` (nearly always one: none).
+    full_ids: list[tuple[list[int], ...]] = [()] * len(pairs)
+    texts = [i for i, pair in enumerate(pairs) if isinstance(pair.prompt, str)]
+    if texts:
+        encoded = [
+            tokenizer([pairs[i].prompt + with_eos(getattr(pairs[i], side)) if side else pairs[i].prompt for i in texts])["input_ids"]
+            for side in ("", "chosen", "rejected")
+        ]  # fmt: skip
+        for i, *ids in zip(texts, *encoded):
+            full_ids[i] = tuple(ids)
     if len(texts) < len(pairs):
         use_chat_template(tokenizer, config, f"{split} pairs")
-    encoded = []
-    for pair in pairs:
-        if isinstance(pair.prompt, str):
-            prompt_ids, *full = next(encoded_texts)
-        else:
-            kwargs = pair.template_kwargs
-            prompt_ids = _chat_ids(tokenizer, pair.prompt, add_generation_prompt=True, **kwargs)
-            full = [_chat_ids(tokenizer, pair.prompt + response, **kwargs) for response in (pair.chosen, pair.rejected)]
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair.prompt, str):
+                groups[json.dumps(pair.template_kwargs, sort_keys=True, default=repr)].append(i)
+        for members in groups.values():
+            kwargs = pairs[members[0]].template_kwargs
+            encoded = [_chat_ids(tokenizer, [pairs[i].prompt for i in members], True, kwargs)] + [
+                _chat_ids(tokenizer, [pairs[i].prompt + getattr(pairs[i], side) for i in members], False, kwargs)
+                for side in ("chosen", "rejected")
+            ]  # fmt: skip
+            for i, *ids in zip(members, *encoded):
+                full_ids[i] = tuple(ids)
+    result = []
+    for pair, (prompt_ids, *full) in zip(pairs, full_ids):
         shared = min(common_prefix_length(prompt_ids, ids) for ids in full)
         if shared == 0:
             raise DataError(
@@ -316,18 +338,25 @@ def encode_pairs(
                 f"with the prompt's only word, or the chat template renders them apart); end the prompt on a token boundary"
             )
         notes["prompt_end_left_out"] += shared < len(prompt_ids)
-        encoded.append((prompt_ids[:shared], *(ids[shared:] or eos for ids in full)))
-    return encoded, notes
+        result.append((prompt_ids[:shared], *(ids[shared:] or eos for ids in full)))
+    return result, notes
 
 
-def tokenize_pairs(
-    pairs: list[PreferencePair], tokenizer, config: DataConfig, split: str, report: DataReport
-) -> Dataset:
-    """Tokenize every pair as TRL does (`encode_pairs`), so both responses share the exact prompt tokens, and truncate."""
+@dataclass
+class TokenizedChunk:
+    """`tokenize_chunk`'s result: the pairs' columns as a Dataset, and their counts for the report."""
+
+    dataset: Dataset
+    truncated: dict[str, int]
+    notes: dict[str, int]
+
+
+def tokenize_chunk(pairs: list[PreferencePair], tokenizer, config: DataConfig, split: str) -> TokenizedChunk:
+    """Encode (`encode_pairs`) and truncate (`truncate_pair`) some pairs of a split, in their order."""
     from datasets import Dataset
 
     encoded, notes = encode_pairs(pairs, tokenizer, config, split)
-    columns: dict[str, list] = defaultdict(list)
+    columns: dict[str, list] = {name: [] for name in ("source_index", "prompt_ids", "chosen_ids", "rejected_ids", "length")}
     counts = {"prompt_cut_left": 0, "response_cut_right": 0}
     bos = tokenizer.bos_token_id
     for pair, (prompt_ids, chosen_ids, rejected_ids) in zip(pairs, encoded):
@@ -343,10 +372,34 @@ def tokenize_pairs(
         columns["rejected_ids"].append(rejected_ids)
         # Length of the shared-prompt row [prompt, chosen, rejected]: what a batch pads to.
         columns["length"].append(len(prompt_ids) + len(chosen_ids) + len(rejected_ids))
-    report.truncated[split] = counts
+    return TokenizedChunk(Dataset.from_dict(columns, features=tokenized_features()), counts, notes)
+
+
+def tokenized_features():
+    """The columns' types, the same for every chunk (an empty one too), so chunks concatenate."""
+    from datasets import Features, List, Value
+
+    ids = List(Value("int64"))
+    return Features(source_index=Value("int64"), prompt_ids=ids, chosen_ids=ids, rejected_ids=ids, length=Value("int64"))
+
+
+def _record_split(report: DataReport, split: str, pairs: int, chunks: list[TokenizedChunk]) -> Dataset:
+    from datasets import concatenate_datasets
+
+    report.truncated[split] = {kind: sum(chunk.truncated[kind] for chunk in chunks) for kind in chunks[0].truncated}
+    notes = {note: sum(chunk.notes[note] for chunk in chunks) for note in TOKENIZATION_NOTES}
     report.tokenization[split] = {note: count for note, count in notes.items() if count}
-    report.pairs[split] = len(pairs)
-    return Dataset.from_dict(dict(columns))
+    report.pairs[split] = pairs
+    return chunks[0].dataset if len(chunks) == 1 else concatenate_datasets([chunk.dataset for chunk in chunks])
+
+
+def tokenize_pairs(
+    pairs: list[PreferencePair], tokenizer, config: DataConfig, split: str, report: DataReport
+) -> Dataset:
+    """Tokenize every pair as TRL does (`encode_pairs`), so both responses share the exact prompt tokens, and truncate."""
+    chunks = [tokenize_chunk(pairs[start : start + ENCODE_BATCH], tokenizer, config, split)
+              for start in range(0, max(len(pairs), 1), ENCODE_BATCH)]  # fmt: skip
+    return _record_split(report, split, len(pairs), chunks)
 
 
 @dataclass
@@ -363,14 +416,61 @@ class PreparedData:
         (run_dir / DATA_INDICES_FILE).write_text(json.dumps(self.indices))
 
 
+def preparation_processes(config: DataConfig, pairs: int) -> int:
+    """`data.num_proc`, or for null one process per PAIRS_PER_AUTO_PROCESS pairs, up to the usable cores (and 8)."""
+    if config.num_proc is not None:
+        return config.num_proc
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_PROCESSES, pairs // PAIRS_PER_AUTO_PROCESS))
+
+
+# What forked workers tokenize: set before the pool forks, so children inherit it instead of receiving it pickled.
+_FORKED_WORK: tuple[dict[str, list[PreferencePair]], Any, DataConfig] | None = None
+
+
+def _tokenize_forked(split: str, start: int) -> TokenizedChunk:
+    pairs, tokenizer, config = _FORKED_WORK
+    return tokenize_chunk(pairs[split][start : start + ENCODE_BATCH], tokenizer, config, split)
+
+
 def prepare_data(splits: TextSplits, tokenizer, config: DataConfig, report: DataReport) -> PreparedData:
-    return PreparedData(
-        train=tokenize_pairs(splits.train, tokenizer, config, "train", report),
-        val=tokenize_pairs(splits.val, tokenizer, config, "val", report),
-        test=tokenize_pairs(splits.test, tokenizer, config, "test", report),
-        report=report,
-        indices=splits.indices(),
-    )
+    """Tokenize the three splits, in chunks of ENCODE_BATCH pairs, on `preparation_processes` processes.
+
+    The chunks are the same on any number of processes and are put back in order, so the result is identical. The
+    workers are forked (as `datasets.map(num_proc=...)` does): they inherit the pairs and tokenizer instead of
+    importing and unpickling them. They tokenize single-threaded (TOKENIZERS_PARALLELISM=false while they live):
+    processes, not the tokenizer's threads, then share the cores, and a tokenizer whose thread pool was already used
+    in this process is not forked with it.
+    """
+    global _FORKED_WORK
+    by_split = {name: getattr(splits, name) for name in ("train", "val", "test")}
+    tasks = [(name, start) for name, pairs in by_split.items() for start in range(0, max(len(pairs), 1), ENCODE_BATCH)]
+    processes = min(preparation_processes(config, sum(map(len, by_split.values()))), len(tasks))
+    if any(not isinstance(pair.prompt, str) for pairs in by_split.values() for pair in pairs):
+        use_chat_template(tokenizer, config, "the pairs")  # here, so the tokenizer saved with checkpoints has it too
+    if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        chunks = [tokenize_chunk(by_split[name][start : start + ENCODE_BATCH], tokenizer, config, name) for name, start in tasks]
+    else:
+        _FORKED_WORK, parallelism = (by_split, tokenizer, config), os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # The read pairs are millions of objects: frozen, a child's garbage collector neither walks them nor, by
+        # touching them, copies their memory pages.
+        gc.freeze()
+        try:
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+                chunks = list(pool.map(_tokenize_forked, *zip(*tasks)))
+        finally:
+            gc.unfreeze()
+            _FORKED_WORK = None
+            if parallelism is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM")
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+    datasets = {
+        name: _record_split(report, name, len(by_split[name]), [chunk for (split, _), chunk in zip(tasks, chunks) if split == name])
+        for name in by_split
+    }  # fmt: skip
+    return PreparedData(**datasets, report=report, indices=splits.indices())
 
 
 def load_run_data(

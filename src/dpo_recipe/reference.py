@@ -24,8 +24,19 @@ from safetensors.torch import load_file, save_file
 from . import packing
 
 CACHE_FORMAT = "v2"
+
+
+def code_digest(*files: str | os.PathLike) -> str:
+    """A hash of source files (those that exist), for cache keys: other code must not reuse what this code made."""
+    digest = hashlib.sha256()
+    for file in map(Path, files):
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 # The code that turns token ids into log-probs: a change to it must not reuse log-probs the old code computed.
-SCORING_CODE = hashlib.sha256(Path(packing.__file__).read_bytes()).hexdigest()[:16]
+SCORING_CODE = code_digest(packing.__file__)
 
 
 def scoring_software() -> str:

@@ -34,10 +34,10 @@ from .callbacks import (
 )
 from .config import OPTIMIZERS, ConfigError, LoggingConfig, RecipeConfig, check_loss_import
 from .curves import plot_run
-from .data import load_run_data, prepare_data
 from .loss import resolve_loss
 from .models import build_model, peft_config_for, resolve_precision
 from .packing import device_default, epoch_padding, forward_batch_size, make_collator, on_gpu
+from .prepared import prepare_run_data
 from .rundir import (
     BEST_FILE,
     RUN_CONFIG_FILE,
@@ -239,9 +239,9 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         raise ConfigError(f"{run_dir} already holds checkpoints: add --resume to continue that run, or --overwrite to start over")
 
     tokenizer_source = str(resume_from) if resume_from is not None else None
-    # A local BPE is trained by the main process; the others read it.
-    tokenizer, splits, report = load_run_data(config, tokenizer_source, state.main_process_first)
-    data = prepare_data(splits, tokenizer, config.data, report)
+    # The main process prepares the data (and trains a local BPE) or reads them from the cache; the others then read.
+    tokenizer, data, cache_note = prepare_run_data(config, tokenizer_source, state.main_process_first)
+    report = data.report
     model = build_model(config.model, tokenizer, config.training.seed, config.data.max_length)
     lora = config.model.lora  # checked before the run directory is made
     peft_config = None if lora is None else peft_config_for(model, lora, config.origin("model.lora.target_modules"))
@@ -253,7 +253,7 @@ def prepare_run(config: RecipeConfig, resume: bool = False, verbose: bool = Fals
         saved = copy.deepcopy(config)
         saved.training.overwrite = False
         atomic_write(run_dir / RUN_CONFIG_FILE, saved.to_yaml())
-        print("\n".join(report.summary_lines()), flush=True)
+        print("\n".join([*report.summary_lines(), cache_note]), flush=True)
         if config.model.tiny is not None and not reference_dir(run_dir).exists():
             model.save_pretrained(reference_dir(run_dir))
             tokenizer.save_pretrained(reference_dir(run_dir))
