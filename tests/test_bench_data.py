@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dpo_recipe.bench_data import (
-    RESULTS_END, RESULTS_START, DataBenchSettings, Measurement, agreement_line, measure_recipe, measure_trl,
+    RESULTS_HEADING, DataBenchSettings, Measurement, agreement_line, measure_recipe, measure_trl,
     ultrafeedback_like_rows, write_dataset, write_section,
 )  # fmt: skip
 from dpo_recipe.config import DataConfig
@@ -62,5 +62,5 @@ def test_the_section_replaces_only_itself(tmp_path):
     for _ in range(2):
         write_section(results, DataBenchSettings(pairs=100), str(results), runs, "agreement")
     text = results.read_text()
-    assert text.startswith("# Benchmark\n\nthe training table\n") and text.count(RESULTS_START) == text.count(RESULTS_END) == 1
+    assert text.startswith("# Benchmark\n\nthe training table\n") and text.count(RESULTS_HEADING) == 1
     assert "| recipe, data.num_proc=1 | 2.0 s | 50 | 2.00x | 1,024 MiB | - |" in text

@@ -53,3 +53,29 @@ def test_a_variant_runs_ours_with_its_settings_on_top(bench_setup):
     settings = dataclasses.replace(settings, variants={"ours_buckets": {"length_buckets": 2}})
     bucketed = run_job(Job("ours_buckets", max_steps=1, settings={"length_buckets": 2}), settings, data)
     assert bucketed.epoch_scored_slots > bucketed.epoch_scored > 0
+
+
+def test_each_benchmark_rewrites_only_its_own_sections_of_the_results_file(tmp_path):
+    """`make bench` used to write the whole of benchmarks/results.md, erasing the memory and data-preparation
+    sections that take the other benchmarks 20-45 minutes to measure; a section it has nothing for this time (no run
+    failed) goes."""
+    from types import SimpleNamespace
+
+    from dpo_recipe.bench_memory_report import RESULTS_HEADING as MEMORY
+    from dpo_recipe.benchmark import write_results
+    from dpo_recipe.results_file import replace_section
+
+    path = tmp_path / "results.md"
+    path.write_text(f"# Stale title\n\nstale setup\n\n## Results\n\nstale table\n\n## Runs that failed\n\n- stale\n\n{MEMORY}\n\nmemory table\n")
+    replace_section(path, "## Data preparation", ["data table"])
+    data = SimpleNamespace(description="pairs", tokenizer=[0] * 512)
+    stats = {"median_prompt": 10, "median_response": 20.0, "shared_saving": 0.3}
+    for _ in range(2):  # a second run replaces the first's sections instead of adding to them
+        write_results(path, BenchSettings(), {"cpu": "test"}, data, stats, "fp32", "cpu", ["| new table |"], ["| steps |"])
+    text = path.read_text()
+    assert text.startswith("# Benchmark: RecipeDPOTrainer vs plain trl.DPOTrainer\n") and "stale" not in text.lower()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        "## Results", MEMORY, "## Data preparation", "## Loss agreement",
+    ]  # fmt: skip
+    for kept in ("| new table |", "memory table", "data table", "| steps |"):
+        assert text.count(kept) == 1

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from .benchmark import machine_description
+from .results_file import replace_section
 
 DEFAULT_TOKENIZER = Path("~/.cache/offline-models/smollm2-135m").expanduser()
 GET_TOKENIZER = "/work/shared/tools/get-smollm2.sh"
-RESULTS_START = "<!-- bench-data: start (written by `make bench-data`) -->"
-RESULTS_END = "<!-- bench-data: end -->"
+RESULTS_HEADING = "## Data preparation: the recipe against TRL's `_prepare_dataset` (issue 20)"
 MULTI_TURN_SHARE = 0.15  # rows whose prompt is three messages (user, assistant, user)
 
 # The most frequent words, in frequency order; rarer ones are made of syllables, so the vocabulary is large and
@@ -298,12 +298,9 @@ def _table(runs: list[Measurement]) -> list[str]:
 
 
 def write_section(path: Path, settings: DataBenchSettings, data_file: str, runs: list[Measurement], agreement: str) -> None:
-    """This benchmark's section of `path`, between its markers (appended the first time); the rest is left as is."""
+    """This benchmark's section of `path` (appended the first time); the rest is left as is."""
     machine = machine_description()
     lines = [
-        RESULTS_START,
-        "## Data preparation: the recipe against TRL's `_prepare_dataset` (issue 20)",
-        "",
         f"Command: `{settings.command}`. " + "; ".join(f"{key}: {value}" for key, value in machine.items())
         + f"; load average at the end {os.getloadavg()[0]:.1f} (the 2 cores were shared with other jobs).",
         "",
@@ -327,13 +324,5 @@ def write_section(path: Path, settings: DataBenchSettings, data_file: str, runs:
         *_table(runs),
         "",
         agreement,
-        RESULTS_END,
     ]
-    text = path.read_text() if path.is_file() else ""
-    if RESULTS_START in text and RESULTS_END in text:
-        before, rest = text.split(RESULTS_START, 1)
-        text = before + "\n".join(lines) + rest.split(RESULTS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + "\n".join(lines) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    replace_section(path, RESULTS_HEADING, lines)

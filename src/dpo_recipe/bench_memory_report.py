@@ -11,6 +11,7 @@ from pathlib import Path
 from .bench_memory import (
     GIB, REAL_SHAPES, SETTINGS, TINY_SHAPES, Batch, measure, measure_in_fresh_process, save_tiny_model, step_peak,
 )
+from .results_file import replace_section
 
 MEASURED_BATCH = Batch(pairs=4)  # 8 rows of 256: a step of the larger tiny model stays near a minute on a 2-core CPU
 TABLE_BATCH = Batch(pairs=16)  # 32 rows of 256, the README's micro-batch
@@ -210,22 +211,6 @@ def table_rows(runs: dict, settings: MemorySettings) -> list[str]:
                 cells += [f"**{_gib(peak)}**", f"{activations / peak:.0%}", fits(peak, settings.cuda_overhead_gib)]
             lines.append(f"| {shape} ({plain['parameters'] / 1e9:.2f}B) | {SETTINGS[name].label} | {_gib(persistent)} | " + " | ".join(cells) + " |")
     return lines
-
-
-def replace_section(path: Path, heading: str, body: list[str]) -> None:
-    """Put `heading` and `body` into the markdown file in place of that section (up to the next `## `), or at its
-    end; the other sections stay as they are."""
-    text = path.read_text() if path.is_file() else ""
-    lines = text.splitlines()
-    section = [heading, "", *body]
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section + ([""] if end < len(lines) else [])
-    else:
-        lines += ([""] if lines else []) + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
 
 
 def run_memory_benchmark(settings: MemorySettings, machine: dict[str, str]) -> list[str]:

@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 
 from .config import DataConfig, LossConfig, RecipeConfig, TrainingConfig
 from .data import tokenize_pairs
+from .results_file import remove_section, replace_section, replace_title_block
 from .sources import DataReport, PreferencePair, read_pairs, split_dialogue
 from .synthetic import hh_length_rows
 
@@ -720,18 +721,20 @@ def write_results(
             "N = parameters (tied embeddings once), tokens = non-pad positions each trainer's passes process "
             "(ours: prompt once per pair; trl: reference every step; precompute variants: reference once)."
         )
-    lines += ["", "## Results", "", *table]
-    if failures:
-        lines += ["", "## Runs that failed", "", *(f"- {failure}" for failure in failures)]
-    if agreement:
-        lines += [
-            "",
-            "## Loss agreement",
-            "",
+    # Its own parts of the file only: the other benchmarks' sections (data preparation, memory) stay as they are.
+    replace_title_block(path, lines)
+    replace_section(path, "## Results", table)
+    sections = {
+        "## Runs that failed": [f"- {failure}" for failure in failures],
+        "## Loss agreement": [
             f"The first {settings.agreement_steps} optimizer steps, ours with length grouping off (the same sampler "
             "and data order as TRL) and everything else on, against plain TRL with a live reference:",
             "",
             *agreement,
-        ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+        ] if agreement else [],
+    }  # fmt: skip
+    for heading, body in sections.items():
+        if body:
+            replace_section(path, heading, body)
+        else:
+            remove_section(path, heading)
