@@ -27,7 +27,7 @@ import torch._functorch.config
 import torch._inductor.config
 from torch._dynamo.utils import counters
 
-from dpo_recipe.config import load_config
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.run import prepare_run
 
 SHAPES = {"dynamic": True, "automatic": None, "static": False}

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from dpo_recipe.config import load_config  # noqa: E402
+from dpo_recipe.config_loader import load_config  # noqa: E402
 from dpo_recipe.models import train_local_tokenizer  # noqa: E402
 from dpo_recipe.synthetic import synthetic_rows  # noqa: E402
 

@@ -362,7 +362,8 @@ def test_the_study_config_without_the_hub_fails_in_seconds_naming_the_offline_op
 
 def test_a_hub_model_that_is_cached_loads_offline_and_an_uncached_one_names_its_set_flag(tmp_path, capsys, monkeypatch):
     from dpo_recipe import hub
-    from dpo_recipe.config import ConfigError, load_config
+    from dpo_recipe.config import ConfigError
+    from dpo_recipe.config_loader import load_config
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dpo_recipe.cli import main
-from dpo_recipe.config import load_config
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.data import load_text_splits
 from dpo_recipe.evaluate import RunScorer
 from dpo_recipe.rundir import epoch_dirs, read_metrics

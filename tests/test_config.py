@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from dpo_recipe.cli import main
-from dpo_recipe.config import ConfigError, load_config
+from dpo_recipe.config import ConfigError
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.run import batch_plan
 
 from conftest import REPO

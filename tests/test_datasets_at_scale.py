@@ -10,7 +10,8 @@ import yaml
 from conftest import write_jsonl
 
 from dpo_recipe.cli import main
-from dpo_recipe.config import ConfigError, DataConfig, load_config
+from dpo_recipe.config import ConfigError, DataConfig
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.data import load_text_splits, recorded_pairs
 from dpo_recipe.run import run_training
 from dpo_recipe.sources import DataError, DataReport

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dpo_recipe import evaluate
 from dpo_recipe.cli import main
-from dpo_recipe.config import load_config
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.data import load_text_splits
 from dpo_recipe.sources import DataError, DataReport
 from dpo_recipe.evaluate import (

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from dpo_recipe.cli import main
-from dpo_recipe.config import ConfigError, DataConfig, load_config
+from dpo_recipe.config import ConfigError, DataConfig
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.data import load_text_splits, tokenize_pairs
 from dpo_recipe.evaluate import dataset_name
 from dpo_recipe.rundir import eval_file_name

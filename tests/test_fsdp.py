@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from dpo_recipe.config import ConfigError, load_config
+from dpo_recipe.config import ConfigError
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.evaluate import evaluate_paths
 from dpo_recipe.rundir import epoch_dirs, read_metrics
 from dpo_recipe.run import prepare_run, run_training

@@ -10,7 +10,8 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from dpo_recipe.config import LOSS_TYPES, ConfigError, DataConfig, load_config
+from dpo_recipe.config import LOSS_TYPES, ConfigError, DataConfig
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.data import load_text_splits, tokenize_pairs
 from dpo_recipe.loss import BUILTIN_LOSSES, dpo_loss, ipo_loss, resolve_loss
 from dpo_recipe.packing import PairCollator

@@ -297,7 +297,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "configs" / "examples")
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[path.stem for path in EXAMPLES])
 def test_example_configs_resolve_with_print_config(path, capsys):
-    from dpo_recipe.config import load_config
+    from dpo_recipe.config_loader import load_config
 
     assert main(["print-config", "--config", str(path)]) == 0
     printed = capsys.readouterr().out

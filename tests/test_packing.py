@@ -9,7 +9,8 @@ import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.utils import add_fused_lm_head
 
-from dpo_recipe.config import SHARED_PROMPT_ATTENTION, DataConfig, load_config
+from dpo_recipe.config import SHARED_PROMPT_ATTENTION, DataConfig
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.data import tokenize_pairs
 from dpo_recipe.loss import resolve_loss
 from dpo_recipe.packing import (

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_recipe.config import ConfigError, load_config
+from dpo_recipe.config import ConfigError
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.hub import hub_names
 from dpo_recipe.synthetic import synthetic_rows
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from dpo_recipe.cli import main
-from dpo_recipe.config import load_config
+from dpo_recipe.config_loader import load_config
 from dpo_recipe.rundir import epoch_dirs, latest_checkpoint, read_metrics, step_dirs
 import dpo_recipe.run as run_module
 from dpo_recipe.run import prepare_run, run_training

@@ -299,7 +299,7 @@ def test_a_second_run_needs_resume_or_overwrite_and_overwrite_starts_clean(tmp_p
 
 
 def test_the_saved_config_names_the_model_that_was_trained(smoke_config):
-    from dpo_recipe.config import load_config
+    from dpo_recipe.config_loader import load_config
     from dpo_recipe.config import describe_model
 
     config = smoke_config("data.num_pairs=40", "data.num_test_pairs=8", "training.num_epochs=1")

@@ -29,7 +29,8 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 def _checked_config(args):
     """The config of --config and --set, with every check that needs no model or data: what print-config shows is
     what training accepts."""
-    from .config import check_loss_import, load_config
+    from .config import check_loss_import
+    from .config_loader import load_config
 
     config = load_config(args.config, args.overrides)
     check_loss_import(config)
@@ -69,7 +70,7 @@ def _count(text: str) -> int:
 
 
 def _command_show_data(args) -> int:
-    from .config import load_config
+    from .config_loader import load_config
     from .hub import check_hub_access
 
     config = load_config(args.config, args.overrides)

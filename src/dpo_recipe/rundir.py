@@ -31,7 +31,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, DataConfig, RecipeConfig, load_config
+from .config import ConfigError, DataConfig, RecipeConfig
+from .config_loader import load_config
 
 EPOCH_PREFIX = "epoch-"
 STEP_PREFIX = "step-"
