@@ -259,6 +259,16 @@ def test_sigkill_inside_epoch_2_after_a_step_checkpoint_then_resume_matches_the_
     assert_same_metrics(run_dir, baseline)
 
 
+def resume_as_printed(config_file, workspace, run_dir, baseline, monkeypatch, **tolerance):
+    """Run the printed resume command's config (the run's own config.yaml; its gated loss passes through once
+    gate-release exists): it must finish equal to the uninterrupted baseline."""
+    monkeypatch.syspath_prepend(str(workspace / "modules"))
+    monkeypatch.setenv("GATE_RUN_DIR", str(run_dir))
+    assert run_training(load_config(config_file), resume=True) == 0
+    assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2", **tolerance)
+    assert_same_metrics(run_dir, baseline)
+
+
 def test_sigterm_with_save_on_signal_saves_the_step_and_the_printed_command_resumes_exactly(
     workspace, baseline, gated_run, monkeypatch
 ):
@@ -281,11 +291,7 @@ def test_sigterm_with_save_on_signal_saves_the_step_and_the_printed_command_resu
     assert match, stderr[-2000:]
     assert Path(match.group(1)) == run_dir / "step-5"
 
-    monkeypatch.syspath_prepend(str(workspace / "modules"))
-    monkeypatch.setenv("GATE_RUN_DIR", str(run_dir))
-    assert run_training(load_config(match.group(2)), resume=True) == 0
-    assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2", tolerance=1e-6)
-    assert_same_metrics(run_dir, baseline)
+    resume_as_printed(match.group(2), workspace, run_dir, baseline, monkeypatch, tolerance=1e-6)
 
 
 def test_sigint_stops_cleanly_and_the_printed_command_resumes_exactly(workspace, baseline, gated_run, monkeypatch):
@@ -314,12 +320,7 @@ def test_sigint_stops_cleanly_and_the_printed_command_resumes_exactly(workspace,
     assert match, stderr[-2000:]
     assert Path(match.group(1)) == run_dir / "epoch-1"
 
-    # The printed command: the run's own resolved config.yaml (its loss passes through once gate-release exists).
-    monkeypatch.syspath_prepend(str(workspace / "modules"))
-    monkeypatch.setenv("GATE_RUN_DIR", str(run_dir))
-    assert run_training(load_config(match.group(2)), resume=True) == 0
-    assert_same_weights(run_dir / "epoch-2", baseline / "epoch-2")
-    assert_same_metrics(run_dir, baseline)
+    resume_as_printed(match.group(2), workspace, run_dir, baseline, monkeypatch)
 
 
 def test_a_save_that_fails_midway_is_never_loaded_and_is_cleaned_on_resume(workspace, baseline, monkeypatch):
