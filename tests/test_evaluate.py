@@ -382,7 +382,7 @@ def test_lora_checkpoint_is_base_plus_adapter(trained_run, tmp_path):
     base = scorer.reference_model()
     base_key = model_fingerprint(base)
     torch.manual_seed(1)
-    policy = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    policy = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
     policy.save_pretrained(run / "epoch-1")
     scorer.tokenizer.save_pretrained(run / "epoch-1")
     assert not (run / "epoch-1" / "model.safetensors").exists()

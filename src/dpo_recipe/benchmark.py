@@ -258,6 +258,7 @@ def _recipe_trainer(job: Job, settings: BenchSettings, model, tokenizer, train, 
 
 
 def _trl_trainer(job: Job, settings: BenchSettings, model, reference, tokenizer, train, precision: str, work: str):
+    import torch
     from trl import DPOConfig, DPOTrainer
 
     from .run import CHECKPOINTING_ARGUMENT
@@ -286,6 +287,8 @@ def _trl_trainer(job: Job, settings: BenchSettings, model, reference, tokenizer,
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,
+        # TRL's default pins host memory, which only a GPU uses; off elsewhere, as the recipe sets it (it warns on CPU).
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     return PretokenizedDPOTrainer(
         model=model, ref_model=reference, args=args, train_dataset=train, processing_class=tokenizer
