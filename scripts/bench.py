@@ -6,7 +6,8 @@ import sys
 
 import yaml
 
-from dpo_recipe.benchmark import MODEL_SHAPES, REAL_DATA, TRAINERS, BenchSettings, run_benchmark
+from dpo_recipe.bench_report import run_benchmark
+from dpo_recipe.benchmark import MODEL_SHAPES, REAL_DATA, TRAINERS, BenchSettings
 from dpo_recipe.config import TrainingConfig
 
 

@@ -7,7 +7,7 @@ import sys
 
 from dpo_recipe.bench_memory import REAL_SHAPES, SETTINGS, TINY_SHAPES, Batch
 from dpo_recipe.bench_memory_report import MemorySettings, run_memory_benchmark
-from dpo_recipe.benchmark import machine_description
+from dpo_recipe.bench_report import machine_description
 
 
 def main() -> int:

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from dpo_recipe.benchmark import BenchSettings, Job, RunResult, agreement_check, fastest, load_bench_data, run_job, summary_table
+from dpo_recipe.bench_report import agreement_check, fastest, summary_table
+from dpo_recipe.benchmark import BenchSettings, Job, RunResult, load_bench_data, run_job
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_each_benchmark_rewrites_only_its_own_sections_of_the_results_file(tmp_p
     from types import SimpleNamespace
 
     from dpo_recipe.bench_memory_report import RESULTS_HEADING as MEMORY
-    from dpo_recipe.benchmark import write_results
+    from dpo_recipe.bench_report import write_results
     from dpo_recipe.results_file import replace_section
 
     path = tmp_path / "results.md"

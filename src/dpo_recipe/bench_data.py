@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .benchmark import machine_description
+from .bench_report import machine_description
 from .results_file import replace_section
 
 DEFAULT_TOKENIZER = Path("~/.cache/offline-models/smollm2-135m").expanduser()
