@@ -87,7 +87,10 @@ def runs(tmp_path_factory):
     stdout = launch(_arguments(workspace, "fsdp"), workspace / "fsdp.log")
     single = load_config(SMOKE_CONFIG, _overrides(workspace, "single", "cache_single"))
     assert run_training(single) == 0
-    return {"workspace": workspace, "stdout": stdout, "fsdp": workspace / "fsdp" / "smoke", "single": single.run_dir}
+    # What the two trainings cached, listed now: later tests (eval, a resumed run) add entries of their own.
+    cached = {name: sorted(path.name for path in (workspace / name).iterdir() if path.is_file()) for name in ("cache_fsdp", "cache_single")}
+    return {"workspace": workspace, "stdout": stdout, "fsdp": workspace / "fsdp" / "smoke", "single": single.run_dir,
+            "cached": cached}  # fmt: skip
 
 
 def _logged_steps(run_dir: Path) -> list[dict]:
@@ -150,9 +153,9 @@ def test_fsdp_reference_cache_is_written_once_with_the_one_process_values(runs):
     workspace = runs["workspace"]
     assert "reference log-probs: train computed, eval computed" in runs["stdout"]
     # The cache directory also holds the shared local tokenizers (`tokenizers/`); the log-probs are the files.
-    written = sorted(path.name for path in (workspace / "cache_fsdp").iterdir() if path.is_file())
+    written = runs["cached"]["cache_fsdp"]
     # One file per split, under the same keys (weights, token ids, precision) as the single process computed.
-    assert written == sorted(path.name for path in (workspace / "cache_single").iterdir() if path.is_file())
+    assert written == runs["cached"]["cache_single"]
     assert len(written) == 2 and all(name.endswith(".safetensors") for name in written)
     for name in written:
         ours, theirs = load_file(workspace / "cache_fsdp" / name), load_file(workspace / "cache_single" / name)

@@ -169,10 +169,11 @@ def test_passing_the_recompile_limit_leaves_the_run_training_uncompiled(smoke_co
     Here the whole run goes on uncompiled from that step, one line saying so, and trains as an uncompiled run does."""
     compile_with_aot_eager(monkeypatch)
     monkeypatch.setenv("ACCELERATE_DYNAMO_USE_DYNAMIC", "false")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     settings = [*SMALL_RUN, "training.num_epochs=1"]
-    compiled, fallback = train_and_read_metrics(smoke_config(*settings, "training.torch_compile=true"))
+    # torch's own patch, not monkeypatch: undoing a setattr on dynamo's config hides the key for every later test.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled, fallback = train_and_read_metrics(smoke_config(*settings, "training.torch_compile=true"))
     output = capsys.readouterr().out
     assert "mode default, static shapes)" in output
     lines = [line for line in output.splitlines() if "torch.compile" in line and "failed" in line]

@@ -215,6 +215,10 @@ def test_every_readme_command_runs_as_written(clone, monkeypatch):
     clone, home = clone
     env = {**os.environ, "HOME": str(home)}
     env.pop("VIRTUAL_ENV", None)
+    # Under `make test ARGS=...` make exports its command-line variables to the environment and to every make below
+    # it (MAKEFLAGS): the README's `make smoke` would get the test run's ARGS. A user's shell has none of these.
+    for name in ("ARGS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):
+        env.pop(name, None)
     monkeypatch.chdir(clone)
     monkeypatch.setenv("HOME", str(home))
     commands = readme_commands(README.read_text())
