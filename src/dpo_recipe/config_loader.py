@@ -276,7 +276,8 @@ def _validate_pair_counts(config: RecipeConfig) -> None:
         if getattr(data, key) != getattr(defaults, key):
             raise ConfigError(
                 f"{origin('data.' + key)}: data.{key} ({getattr(data, key)!r}) and data.mixture are both set: each "
-                f"entry of a mixture names its own source, split and fraction or num_pairs; remove data.{key}"
+                f"entry of a mixture names its own source, split and fraction or num_pairs; remove data.{key} (or, over a "
+                f"base file that sets it, set it to {getattr(defaults, key)!r})"
             )
     if not data.mixture:
         raise ConfigError(f"{origin('data.mixture')}: data.mixture must list at least one source, or be null")
