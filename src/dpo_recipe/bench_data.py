@@ -302,7 +302,7 @@ def write_section(path: Path, settings: DataBenchSettings, data_file: str, runs:
     machine = machine_description()
     lines = [
         f"Command: `{settings.command}`. " + "; ".join(f"{key}: {value}" for key, value in machine.items())
-        + f"; load average at the end {os.getloadavg()[0]:.1f} (the 2 cores were shared with other jobs).",
+        + f"; load average at the end {os.getloadavg()[0]:.1f} (`os.getloadavg`: above the core count, other jobs shared them).",
         "",
         f"- Data: {settings.pairs:,} generated pairs shaped like UltraFeedback-binarized "
         f"(`dpo_recipe.bench_data.ultrafeedback_like_rows`, seed {settings.seed}; a `prompt` string, `chosen` / "
